@@ -1,0 +1,32 @@
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+
+# Every install path goes through $(PIP_INSTALL), which applies constraints.txt (the torch pins).
+PYTHON ?= python3
+VENV ?= .venv
+PIP_INSTALL = $(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP = $(VENV)/.installed
+
+.PHONY: venv quickstart test benchmarks clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing rafmedia and its dependencies into $(VENV) (first time: about a minute)..."
+	@$(PIP_INSTALL) --upgrade pip setuptools wheel 2>&1 | sed '/is ignored: it is neither/d'
+	@$(PIP_INSTALL) -e ".[dev]" 2>&1 | sed '/is ignored: it is neither/d'
+	@$(VENV)/bin/python -c "import rafmedia.launch.cli" && touch $(STAMP)
+
+quickstart: venv
+	$(VENV)/bin/raf quickstart --out runs/quickstart
+
+test: venv
+	$(VENV)/bin/python -m pytest -q tests
+
+benchmarks: venv
+	@$(PIP_INSTALL) -e ".[bench]" 2>&1 | sed '/is ignored: it is neither/d'
+	$(VENV)/bin/python benchmarks/foundation.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,121 @@
+"""3D encoders behind one registry and one small contract.
+
+Every encoder is an `nn.Module` with:
+- `embed_dim`: the size of the pooled embedding;
+- `forward_features(x_BCDHW)`: the last feature map, (B, F, d, h, w);
+- `forward(x_BCDHW)`: the pooled embedding, (B, embed_dim).
+
+Build one with `create_encoder(name, **options)`; list them with `list_encoders()`. The trainer and the
+evaluator only use the contract, never the name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rafmedia.engine.registry import Registry, unknown_name_error
+
+ENCODERS: Registry[nn.Module] = Registry("encoder")
+
+
+def create_encoder(name: str, **options) -> nn.Module:
+    """Builds a registered encoder, e.g. `create_encoder("cnn3d_small", width=16)`."""
+    return ENCODERS.create(name, **options)
+
+
+def list_encoders() -> list[str]:
+    return ENCODERS.names()
+
+
+class PooledEncoder(nn.Module):
+    """Adds global average pooling on top of `forward_features` (the contract's `forward`)."""
+
+    embed_dim: int
+
+    def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x_BCDHW).mean(dim=(2, 3, 4))
+
+
+NORMS = {
+    "batch": nn.BatchNorm3d,
+    "instance": lambda channels: nn.InstanceNorm3d(channels, affine=True),
+    "group": lambda channels: nn.GroupNorm(min(8, channels), channels),
+}
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Sequential:
+    if norm not in NORMS:
+        raise unknown_name_error("norm", norm, NORMS)
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+        NORMS[norm](out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN3d(PooledEncoder):
+    """A small 3D CNN: a stride-2 stem, then `num_stages` stages (stride-2 conv, conv) doubling the width.
+
+    Fast enough on two CPU cores to pretrain in minutes; the quickstart's default encoder.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 16, num_stages: int = 3, norm: str = "batch"):
+        super().__init__()
+        layers = [_conv_block(in_channels, width, stride=2, norm=norm)]
+        channels = width
+        for _ in range(num_stages):
+            layers += [_conv_block(channels, channels * 2, stride=2, norm=norm),
+                       _conv_block(channels * 2, channels * 2, stride=1, norm=norm)]
+            channels *= 2
+        self.features = nn.Sequential(*layers)
+        self.embed_dim = channels
+
+    def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        return self.features(x_BCDHW)
+
+
+class MonaiResNet3d(PooledEncoder):
+    """MONAI's 3D ResNet (`monai.networks.nets.resnet*`) as a trunk, without its classifier."""
+
+    def __init__(self, depth: int = 10, in_channels: int = 1, widen_factor: float = 1.0):
+        super().__init__()
+        from monai.networks import nets
+
+        factory = getattr(nets, f"resnet{depth}")
+        self.trunk = factory(spatial_dims=3, n_input_channels=in_channels, feed_forward=False,
+                             widen_factor=widen_factor, conv1_t_size=3, conv1_t_stride=1, shortcut_type="A")
+        self.embed_dim = self.trunk.layer4[-1].conv2.out_channels if depth < 50 else self.trunk.layer4[-1].conv3.out_channels
+
+    def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        x = t.maxpool(t.act(t.bn1(t.conv1(x_BCDHW))))
+        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+
+
+@ENCODERS.register("cnn3d_small")
+def cnn3d_small(in_channels: int = 1, width: int = 16, num_stages: int = 3, norm: str = "batch") -> nn.Module:
+    return SmallCNN3d(in_channels=in_channels, width=width, num_stages=num_stages, norm=norm)
+
+
+@ENCODERS.register("resnet10_3d")
+def resnet10_3d(in_channels: int = 1, widen_factor: float = 1.0) -> nn.Module:
+    return MonaiResNet3d(depth=10, in_channels=in_channels, widen_factor=widen_factor)
+
+
+@ENCODERS.register("resnet18_3d")
+def resnet18_3d(in_channels: int = 1, widen_factor: float = 1.0) -> nn.Module:
+    return MonaiResNet3d(depth=18, in_channels=in_channels, widen_factor=widen_factor)
+
+
+@dataclass
+class EncoderConfig:
+    """Which registered encoder to build, and its options (passed to its factory)."""
+
+    name: str = "cnn3d_small"
+    options: dict[str, Any] = field(default_factory=lambda: {"width": 16})

@@ -1,0 +1,81 @@
+"""A tiny registry with a `create_*` factory and "did you mean" answers, as in timm and MONAI.
+
+Every swappable thing (encoders, pretext tasks, alterations, probes) has one `Registry`; code asks the
+registry by name and never branches on names itself.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable, Generic, Iterable, TypeVar
+
+from rafmedia.engine.errors import UserError
+
+T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Returns ` did you mean 'x'?` for the closest choice, or an empty string when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_name_error(kind: str, name: str, choices: Iterable[str]) -> UserError:
+    """A one-line error naming the unknown value, the closest valid one and all valid ones."""
+    choices = sorted(choices)
+    return UserError(f"unknown {kind} '{name}';{did_you_mean(name, choices)} (choose from: {', '.join(choices)})")
+
+
+class Registry(Generic[T]):
+    """Maps names to factories of one kind of component.
+
+    Example:
+        ENCODERS = Registry("encoder")
+
+        @ENCODERS.register("cnn3d_small")
+        def cnn3d_small(**kwargs): ...
+
+        model = ENCODERS.create("cnn3d_small", width=16)
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            assert name not in self._factories, f"{self.kind} '{name}' is registered twice"
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def get(self, name: str) -> Callable[..., T]:
+        if name not in self._factories:
+            raise unknown_name_error(self.kind, name, self._factories)
+        return self._factories[name]
+
+    def create(self, name: str, **kwargs) -> T:
+        """Builds the named component; an option the factory does not take is a `UserError`."""
+        factory = self.get(name)
+        accepted = _keyword_names(factory)
+        if accepted is not None:
+            for key in kwargs:
+                if key not in accepted:
+                    raise UserError(f"{self.kind} '{name}' has no option '{key}';{did_you_mean(key, accepted)} "
+                                    f"(options: {', '.join(sorted(accepted)) or 'none'})")
+        return factory(**kwargs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._factories
+
+
+def _keyword_names(factory: Callable) -> set[str] | None:
+    """Names a factory accepts as keywords, or None if it takes **kwargs (anything goes)."""
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

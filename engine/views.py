@@ -1,0 +1,116 @@
+"""View makers for pretext tasks: batched, channel-first, every random draw from one `torch.Generator`.
+
+A view maker is a picklable callable `(volumes_BCDHW, generator) -> dict[str, Tensor]`; the data
+pipeline calls the one its pretext task declares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, size: tuple[int, ...]) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator)
+
+
+def random_crop_starts(generator: torch.Generator, volume_shape, crop_size: int, batch: int) -> torch.Tensor:
+    """Uniform random crop corners, (B, 3) int64."""
+    highs = torch.tensor([size - crop_size + 1 for size in volume_shape])
+    if (highs < 1).any():
+        raise ValueError(f"crop size {crop_size} is larger than the volume {tuple(volume_shape)}")
+    return (torch.rand((batch, 3), generator=generator) * highs).long()
+
+
+def crop(volumes_BCDHW: torch.Tensor, starts_B3: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.stack([v[:, d:d + size, h:h + size, w:w + size] for v, (d, h, w) in zip(volumes_BCDHW, starts_B3.tolist())])
+
+
+def random_flip(x_BCDHW: torch.Tensor, generator: torch.Generator, probability: float = 0.5) -> torch.Tensor:
+    """Flips each sample independently along each spatial axis with `probability`."""
+    flips = torch.rand((x_BCDHW.shape[0], 3), generator=generator) < probability
+    out = x_BCDHW.clone()
+    for index, sample_flips in enumerate(flips.tolist()):
+        dims = [axis + 1 for axis, flip in enumerate(sample_flips) if flip]
+        if dims:
+            out[index] = torch.flip(x_BCDHW[index], dims=dims)
+    return out
+
+
+def intensity_jitter(x_BCDHW: torch.Tensor, generator: torch.Generator, scale: float, shift: float) -> torch.Tensor:
+    """x * U(1-scale, 1+scale) + U(-shift, shift), drawn per sample."""
+    batch = x_BCDHW.shape[0]
+    gains = _uniform(generator, 1 - scale, 1 + scale, (batch, 1, 1, 1, 1))
+    offsets = _uniform(generator, -shift, shift, (batch, 1, 1, 1, 1))
+    return x_BCDHW * gains + offsets
+
+
+def gaussian_noise(x_BCDHW: torch.Tensor, generator: torch.Generator, max_std: float) -> torch.Tensor:
+    """Adds noise with a per-sample std drawn from U(0, max_std)."""
+    stds = _uniform(generator, 0.0, max_std, (x_BCDHW.shape[0], 1, 1, 1, 1))
+    return x_BCDHW + stds * torch.randn(x_BCDHW.shape, generator=generator)
+
+
+def gaussian_blur(x_BCDHW: torch.Tensor, generator: torch.Generator, max_sigma: float, probability: float = 0.5) -> torch.Tensor:
+    """Blurs each sample with probability `probability`, sigma ~ U(0, max_sigma) voxels (separable 3D Gaussian)."""
+    if max_sigma <= 0:
+        return x_BCDHW
+    batch, channels = x_BCDHW.shape[:2]
+    sigmas = _uniform(generator, 0.0, max_sigma, (batch,)) * (torch.rand((batch,), generator=generator) < probability)
+    radius = max(1, int(3 * max_sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-0.5 * (offsets[None] / sigmas.clamp(min=1e-3)[:, None]) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, K)
+    out = x_BCDHW.reshape(1, batch * channels, *x_BCDHW.shape[2:])
+    for axis in range(3):
+        shape = [batch * channels, 1, 1, 1, 1]
+        shape[2 + axis] = len(offsets)
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        out = torch.nn.functional.conv3d(out, kernels.view(shape), padding=tuple(padding), groups=batch * channels)
+    return out.view_as(x_BCDHW)
+
+
+def random_gamma(x_BCDHW: torch.Tensor, generator: torch.Generator, max_log_gamma: float) -> torch.Tensor:
+    """Contrast change: rescale each sample to [0, 1], raise to gamma = exp(U(-m, m)), restore its mean and std."""
+    if max_log_gamma <= 0:
+        return x_BCDHW
+    flat = x_BCDHW.flatten(1)
+    shape = (-1, 1, 1, 1, 1)
+    low, high = flat.min(dim=1).values.view(shape), flat.max(dim=1).values.view(shape)
+    unit = (x_BCDHW - low) / (high - low).clamp(min=1e-6)
+    gamma = torch.exp(_uniform(generator, -max_log_gamma, max_log_gamma, (x_BCDHW.shape[0], 1, 1, 1, 1)))
+    out = unit**gamma
+    out_flat = out.flatten(1)
+    standardized = (out - out_flat.mean(dim=1).view(shape)) / out_flat.std(dim=1).clamp(min=1e-6).view(shape)
+    return standardized * flat.std(dim=1).view(shape) + flat.mean(dim=1).view(shape)
+
+
+@dataclass
+class TwoCropViews:
+    """Two augmented crops of each volume whose corners differ by at most `max_shift` voxels per axis."""
+
+    crop_size: int = 40
+    max_shift: int = 12
+    flip_probability: float = 0.5
+    intensity_scale: float = 0.2
+    intensity_shift: float = 0.2
+    noise_std: float = 0.2
+    blur_sigma: float = 0.0  # max blur sigma (voxels), applied to half the views
+    gamma: float = 0.0  # max |log gamma| of the contrast change
+
+    def __call__(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch, spatial = volumes_BCDHW.shape[0], volumes_BCDHW.shape[2:]
+        starts_a = random_crop_starts(generator, spatial, self.crop_size, batch)
+        shift = torch.randint(-self.max_shift, self.max_shift + 1, (batch, 3), generator=generator)
+        highs = torch.tensor([size - self.crop_size for size in spatial])
+        starts_b = torch.minimum(torch.clamp(starts_a + shift, min=0), highs)
+        return {"view_a": self._augment(crop(volumes_BCDHW, starts_a, self.crop_size), generator),
+                "view_b": self._augment(crop(volumes_BCDHW, starts_b, self.crop_size), generator)}
+
+    def _augment(self, x_BCDHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x_BCDHW = random_flip(x_BCDHW, generator, self.flip_probability)
+        x_BCDHW = random_gamma(x_BCDHW, generator, self.gamma)
+        x_BCDHW = gaussian_blur(x_BCDHW, generator, self.blur_sigma)
+        x_BCDHW = intensity_jitter(x_BCDHW, generator, self.intensity_scale, self.intensity_shift)
+        return gaussian_noise(x_BCDHW, generator, self.noise_std)

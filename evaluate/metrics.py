@@ -1,0 +1,99 @@
+"""Pure metric functions (numpy in, floats out). Definitions follow MISSION.md and are cited per function.
+
+Undefined values (an AUROC on a group with one class) are NaN and are reported as such with a flag,
+never silently dropped from an average.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import linalg, stats
+
+
+def compute_auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve = Mann-Whitney U / (n_pos n_neg), ties counted half. NaN with one class."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)  # average ranks handle ties
+    u = ranks[labels].sum() - num_pos * (num_pos + 1) / 2
+    return float(u / (num_pos * num_neg))
+
+
+def compute_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    return float(np.mean(predictions == labels)) if len(labels) else float("nan")
+
+
+def compute_balanced_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Mean recall over the classes present (MedMNIST-C scores 1 - balanced accuracy)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    recalls = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def bootstrap_ci(metric: Callable[[np.ndarray], float], num_items: int, *, seed: int, num_resamples: int = 500,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of `metric(indices)` resampling items (subjects) with replacement."""
+    rng = np.random.default_rng(seed)
+    values = np.array([metric(rng.integers(0, num_items, num_items)) for _ in range(num_resamples)])
+    values = values[np.isfinite(values)]
+    if len(values) < num_resamples // 2:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def summarize_groups(values: dict[str, float]) -> dict[str, float | str | None]:
+    """Fairness summary over per-group values: gap = max - min, ratio = min / max, std, worst group = argmin."""
+    finite = {group: value for group, value in values.items() if np.isfinite(value)}
+    if not finite:
+        return {"gap": float("nan"), "ratio": float("nan"), "std": float("nan"), "worst_group": None,
+                "worst": float("nan"), "best_group": None}
+    worst, best = min(finite, key=finite.get), max(finite, key=finite.get)
+    array = np.array(list(finite.values()))
+    return {"gap": float(array.max() - array.min()),
+            "ratio": float(array.min() / array.max()) if array.max() > 0 else float("nan"),
+            "std": float(array.std()), "worst_group": worst, "worst": finite[worst], "best_group": best}
+
+
+def frechet_distance(emb_x_ND: np.ndarray, emb_y_MD: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two embedding sets (as FID; MONAI's FIDMetric):
+
+    ||mu_x - mu_y||^2 + Tr(S_x + S_y - 2 (S_x S_y)^{1/2}), computed in float64.
+    """
+    x, y = np.asarray(emb_x_ND, dtype=np.float64), np.asarray(emb_y_MD, dtype=np.float64)
+    mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
+    sigma_x, sigma_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = linalg.sqrtm(sigma_x @ sigma_y)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real  # imaginary parts are numerical noise for PSD products
+    return float(np.sum((mu_x - mu_y) ** 2) + np.trace(sigma_x) + np.trace(sigma_y) - 2 * np.trace(covmean))
+
+
+def rankme(emb_ND: np.ndarray, eps: float = 1e-7) -> float:
+    """RankMe effective rank (Garrido et al. 2023): exp of the entropy of the normalised singular values."""
+    singular = np.linalg.svd(np.asarray(emb_ND, dtype=np.float64), compute_uv=False)
+    p = singular / singular.sum() + eps
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def severity_weights(severities: Sequence[int]) -> np.ndarray:
+    """ROOD-MRI severity weights (2/3)^s, normalised to sum to 1."""
+    weights = (2.0 / 3.0) ** np.asarray(severities, dtype=np.float64)
+    return weights / weights.sum()
+
+
+def corruption_error(errors: Sequence[float], baseline_errors: Sequence[float]) -> float:
+    """ImageNet-C corruption error CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} over severities."""
+    return float(np.sum(errors) / np.sum(baseline_errors)) if np.sum(baseline_errors) > 0 else float("nan")
+
+
+def relative_corruption_error(errors: Sequence[float], clean_error: float, baseline_errors: Sequence[float],
+                              baseline_clean_error: float) -> float:
+    """ImageNet-C relative CE: sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean)."""
+    denominator = np.sum(np.asarray(baseline_errors) - baseline_clean_error)
+    numerator = np.sum(np.asarray(errors) - clean_error)
+    return float(numerator / denominator) if denominator != 0 else float("nan")

@@ -1,0 +1,120 @@
+"""The `raf` command. Thin: parse, resolve the config once, call the entry function of one package.
+
+User errors print one line and exit with code 2; bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rafmedia.engine.errors import UserError
+from rafmedia.engine.registry import did_you_mean
+
+EPILOG_CONFIG = """configuration:
+  Values come from the packaged defaults (configs/default.yaml), then --config FILE (a path, or a packaged
+  name such as 'tiny'), then key=value overrides, for example:
+    train.steps=200  encoder.options.width=24  cohort.sites.2.noise_std=0.12  evaluate.seeds=[0,1]
+  The resolved configuration is written to OUT/resolved_config.yaml. See `raf list configs`."""
+
+
+class RafArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line with 'did you mean', exit code 2."""
+
+    def error(self, message: str) -> None:
+        if "invalid choice" in message:
+            bad = message.split("'")[1] if "'" in message else ""
+            choices = [c for c in self._subcommand_choices()]
+            message = f"unknown command '{bad}';{did_you_mean(bad, choices)} (choose from: {', '.join(choices)})"
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+    def _subcommand_choices(self) -> list[str]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return list(action.choices)
+        return []
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help="YAML config (path or packaged name, e.g. tiny)")
+    parser.add_argument("--out", metavar="DIR", default=out_default, help=f"output folder (default: {out_default})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rafmedia import launch
+    from rafmedia.launch.commands import LISTINGS
+
+    parser = RafArgumentParser(prog="raf", description="rafmedia: SSL pretraining of 3D encoders and robustness/fairness "
+                               "(RAF) evaluation. Start with `raf quickstart`.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rafmedia {launch.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RafArgumentParser)
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    synth = commands.add_parser("synth", help="write the synthetic reference cohort (zarr store + manifest)",
+                                description="Generate the synthetic cohort (simplified 3D body scans with labels, "
+                                "demographics, per-site acquisition profiles and planted biases) into OUT/cohort.zarr, "
+                                "with manifest.csv and planted.json inside. Re-running resumes; --overwrite starts again.",
+                                epilog=EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(synth, "runs/synth")
+    synth.add_argument("--overwrite", action="store_true", help="delete an existing store first")
+
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a pretext task",
+                                   description="Pretrain encoder.name with task.name on a cohort store; writes "
+                                   "OUT/encoder.safetensors + encoder.card.json, metrics.jsonl and checkpoints/ "
+                                   "(a re-run resumes from the last checkpoint).",
+                                   epilog=EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(pretrain, "runs/pretrain")
+    pretrain.add_argument("--cohort", metavar="STORE", help="cohort store (or a folder holding cohort.zarr); sets data.cohort")
+
+    evaluate = commands.add_parser("evaluate", help="score encoders for robustness and fairness (RAF) on a cohort",
+                                   description="Embed the cohort with each encoder (and a random-init baseline), fit "
+                                   "linear probes, score robustness under alterations, per-group fairness and latent "
+                                   "bias tests; writes OUT/report.json and OUT/report.html.",
+                                   epilog=EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(evaluate, "runs/evaluate")
+    evaluate.add_argument("--cohort", metavar="STORE", help="cohort store; sets evaluate.cohort")
+    evaluate.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
+                          help="exported encoder (.safetensors with its .card.json); repeat for several")
+
+    report = commands.add_parser("report", help="render a results folder to HTML",
+                                 description="Render RESULTS/report.json into RESULTS/report.html (self-contained, "
+                                 "figures embedded) and RESULTS/summary.png.")
+    report.add_argument("results", metavar="RESULTS", help="folder written by `raf evaluate`")
+
+    quickstart = commands.add_parser("quickstart", help="synth -> pretrain -> evaluate -> report, in one run folder",
+                                     description="Run the whole main job on the built-in synthetic cohort into OUT/ "
+                                     "and print the path of the report. About 3 minutes on 2 CPU cores; "
+                                     "`--config tiny` takes seconds.", epilog=EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(quickstart, "runs/quickstart")
+
+    listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
+    listing.add_argument("what", choices=sorted(LISTINGS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rafmedia.launch import commands
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        began = time.perf_counter()
+        getattr(commands, f"run_{args.command}")(args)
+        if args.command not in ("list", "report"):
+            print(f"done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        return 0
+    except UserError as error:
+        print(f"raf: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raf: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

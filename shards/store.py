@@ -1,0 +1,186 @@
+"""The cohort store: a zarr v3 hierarchy with one group per subject, plus a CSV manifest.
+
+Layout on disk::
+
+    cohort.zarr/
+      zarr.json                 root group; attrs: format, name, store config
+      subjects/<subject_id>/    one group per subject; attrs: metadata, spacing, origin, direction, provenance
+        <channel>               one chunked, compressed (D, H, W) array per channel (e.g. "image", "t1", "pet")
+        label                   optional integer label map, same shape
+      manifest.csv              one row per subject: metadata and summary statistics
+      .staging/                 subjects being written; never visible as finished subjects
+
+Every subject is written into `.staging/` first and renamed into `subjects/` when complete, so a killed
+writer never leaves a half-written subject that looks finished, and re-running skips finished subjects.
+The synthetic generator and (later) file ingest both write through `CohortStore.write_subject`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from rafmedia.engine.errors import UserError
+from rafmedia.engine.files import atomic_write_text
+
+STORE_FORMAT = "rafmedia.cohort/1"
+SUBJECTS = "subjects"
+STAGING = ".staging"
+MANIFEST = "manifest.csv"
+LABEL = "label"
+_SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class StoreConfig:
+    """How arrays are chunked and compressed."""
+
+    chunk_size: int = 32  # cubic chunks; a random patch read touches only the chunks it overlaps
+    compression_level: int = 3
+
+
+def _codecs(dtype: np.dtype, level: int):
+    # Blosc with bit-shuffle packs integer label maps well; plain Zstd is the better trade-off for floats.
+    if np.issubdtype(dtype, np.integer):
+        return [BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")]
+    return [ZstdCodec(level=level)]
+
+
+class CohortStore:
+    """Reads and writes one cohort store. Cheap to pickle (arrays are reopened lazily in each process)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file() or not (self.path / SUBJECTS).is_dir():
+            raise UserError(f"{self.path} is not a rafmedia cohort store (no zarr.json / subjects/); "
+                            "create one with `raf synth` or `raf shards ingest`")
+        self._arrays: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def create(cls, path: str | Path, *, config: StoreConfig, name: str, overwrite: bool = False) -> "CohortStore":
+        """Creates an empty store (or opens an existing one to resume, unless `overwrite`)."""
+        path = Path(path)
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        if not (path / "zarr.json").is_file():
+            root = zarr.open_group(str(path), mode="w", zarr_format=3)
+            root.attrs.update({"format": STORE_FORMAT, "name": name, "chunk_size": config.chunk_size,
+                               "compression_level": config.compression_level})
+            root.create_group(SUBJECTS)
+        return cls(path)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def write_subject(self, subject_id: str, *, channels: dict[str, np.ndarray], label: np.ndarray | None,
+                      attrs: dict[str, Any]) -> None:
+        """Writes one subject atomically: staged in `.staging/`, then renamed into `subjects/`."""
+        if not _SUBJECT_ID.match(subject_id):
+            raise UserError(f"subject id '{subject_id}' may only contain letters, digits, '.', '_' and '-'")
+        shapes = {name: array.shape for name, array in channels.items()}
+        if label is not None:
+            shapes[LABEL] = label.shape
+        if len(set(shapes.values())) != 1 or any(len(shape) != 3 for shape in shapes.values()):
+            raise UserError(f"subject {subject_id}: every channel and the label must be 3D and of one shape, got {shapes}")
+        root_attrs = zarr.open_group(str(self.path), mode="r").attrs
+        chunk, level = int(root_attrs["chunk_size"]), int(root_attrs["compression_level"])
+
+        staging = self.path / STAGING / f"{subject_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        staging.parent.mkdir(exist_ok=True)
+        try:
+            group = zarr.open_group(str(staging), mode="w", zarr_format=3)
+            arrays = dict(channels) if label is None else {**channels, LABEL: label}
+            for name, array in arrays.items():
+                array = np.ascontiguousarray(array)
+                chunks = tuple(min(chunk, size) for size in array.shape)
+                group.create_array(name, data=array, chunks=chunks, compressors=_codecs(array.dtype, level))
+            group.attrs.update({**attrs, "subject_id": subject_id, "channels": list(channels),
+                                "has_label": label is not None, "shape": list(array.shape)})
+            self._publish(staging, self.path / SUBJECTS / subject_id)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _publish(staging: Path, final: Path) -> None:
+        if final.exists():  # overwrite: move the old one aside first, so there is never a mixed subject
+            trash = final.with_name(f".{final.name}.old.{uuid.uuid4().hex[:8]}")
+            os.rename(final, trash)
+            os.rename(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+
+    def write_manifest(self, rows: list[dict[str, Any]]) -> Path:
+        """Writes manifest.csv atomically (columns: the union of the rows' keys, in first-seen order)."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write_text(self.path / MANIFEST, buffer.getvalue())
+
+    # ---- reading -------------------------------------------------------------------------------
+    def has_subject(self, subject_id: str) -> bool:
+        return (self.path / SUBJECTS / subject_id / "zarr.json").is_file()
+
+    def subject_ids(self) -> list[str]:
+        """Finished subjects, sorted."""
+        return sorted(entry.name for entry in (self.path / SUBJECTS).iterdir()
+                      if not entry.name.startswith(".") and (entry / "zarr.json").is_file())
+
+    def subject_attrs(self, subject_id: str) -> dict[str, Any]:
+        return dict(self._group(subject_id).attrs)
+
+    def read(self, subject_id: str, channel: str = "image", region: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Reads a channel (or `region` of it, touching only the chunks it overlaps) as a (D, H, W) array."""
+        array = self._array(subject_id, channel)
+        return array[region if region is not None else ...]
+
+    def read_label(self, subject_id: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
+        return self.read(subject_id, LABEL, region)
+
+    def shape(self, subject_id: str, channel: str = "image") -> tuple[int, ...]:
+        return tuple(self._array(subject_id, channel).shape)
+
+    def read_manifest(self) -> list[dict[str, Any]]:
+        """Manifest rows with numbers parsed back to int / float."""
+        path = self.path / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the store has no manifest (re-run `raf synth` to finish it)")
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [{key: _parse_cell(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+    def _group(self, subject_id: str):
+        if not self.has_subject(subject_id):
+            raise UserError(f"subject '{subject_id}' is not in {self.path}")
+        return zarr.open_group(str(self.path / SUBJECTS / subject_id), mode="r")
+
+    def _array(self, subject_id: str, channel: str):
+        key = (subject_id, channel)
+        if key not in self._arrays:
+            group = self._group(subject_id)
+            if channel not in group:
+                raise UserError(f"subject '{subject_id}' has no channel '{channel}' "
+                                f"(it has: {', '.join(sorted(group.array_keys()))})")
+            self._arrays[key] = group[channel]
+        return self._arrays[key]
+
+    def __getstate__(self):
+        return {"path": self.path, "_arrays": {}}
+
+
+def _parse_cell(value: str) -> Any:
+    for parse in (int, float):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    return value

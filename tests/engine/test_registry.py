@@ -1,0 +1,23 @@
+import pytest
+
+from rafmedia.engine.errors import UserError
+from rafmedia.engine.registry import Registry, did_you_mean
+
+
+def test_did_you_mean_finds_the_closest_name():
+    assert did_you_mean("gausian_noise", ["bias_field", "gaussian_noise"]) == " did you mean 'gaussian_noise'?"
+    assert did_you_mean("zzz", ["bias_field"]) == ""
+
+
+def test_unknown_name_and_unknown_option_are_user_errors_with_suggestions():
+    registry = Registry("widget")
+
+    @registry.register("square")
+    def square(side: int = 1):
+        return side * side
+
+    assert registry.create("square", side=3) == 9
+    with pytest.raises(UserError, match="unknown widget 'sqare'; did you mean 'square'"):
+        registry.create("sqare")
+    with pytest.raises(UserError, match="has no option 'sid'; did you mean 'side'"):
+        registry.create("square", sid=2)

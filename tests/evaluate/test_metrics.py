@@ -1,0 +1,72 @@
+"""Metric functions against independent references: scikit-learn, MONAI, scipy and hand-computed cases."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+from rafmedia.evaluate.metrics import (bootstrap_ci, compute_accuracy, compute_auroc, compute_balanced_accuracy,
+                                       corruption_error, frechet_distance, rankme, relative_corruption_error,
+                                       severity_weights, summarize_groups)
+
+
+def test_auroc_matches_sklearn_including_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 50)
+        scores = np.round(rng.normal(size=50) + labels, 1)  # rounding creates ties
+        assert compute_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert np.isnan(compute_auroc([0.1, 0.2], [1, 1]))
+
+
+def test_accuracy_and_balanced_accuracy_match_sklearn():
+    rng = np.random.default_rng(1)
+    labels, predictions = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+    assert compute_accuracy(predictions, labels) == pytest.approx(accuracy_score(labels, predictions))
+    assert compute_balanced_accuracy(predictions, labels) == pytest.approx(balanced_accuracy_score(labels, predictions))
+
+
+def test_frechet_distance_matches_monai_fid():
+    from monai.metrics import FIDMetric
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 8))
+    y = rng.normal(loc=0.5, scale=1.3, size=(150, 8)) @ rng.normal(size=(8, 8))
+    ours = frechet_distance(x, y)
+    monai = FIDMetric()(torch.from_numpy(x), torch.from_numpy(y)).item()
+    assert ours == pytest.approx(monai, rel=1e-6)
+
+
+def test_frechet_distance_of_gaussians_hand_computed():
+    # Same covariance, means 3 apart along one axis: distance = 3^2 (trace terms cancel).
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4000, 2))
+    assert frechet_distance(x, x + np.array([3.0, 0.0])) == pytest.approx(9.0, abs=1e-6)
+
+
+def test_rankme_of_isotropic_and_collapsed_embeddings():
+    assert rankme(np.eye(6)) == pytest.approx(6.0, rel=1e-4)  # equal singular values: full rank
+    collapsed = np.outer(np.arange(1, 11), np.ones(6))
+    assert rankme(collapsed) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_group_summary_hand_computed():
+    summary = summarize_groups({"a": 0.9, "b": 0.6, "c": float("nan")})
+    assert summary["gap"] == pytest.approx(0.3) and summary["worst_group"] == "b"
+    assert summary["ratio"] == pytest.approx(0.6 / 0.9) and summary["std"] == pytest.approx(0.15)
+
+
+def test_corruption_errors_and_severity_weights_hand_computed():
+    assert corruption_error([0.2, 0.4], [0.4, 0.8]) == pytest.approx(0.5)
+    # (0.2-0.1 + 0.4-0.1) / (0.4-0.2 + 0.8-0.2) = 0.4 / 0.8
+    assert relative_corruption_error([0.2, 0.4], 0.1, [0.4, 0.8], 0.2) == pytest.approx(0.5)
+    weights = severity_weights([1, 2])
+    assert weights == pytest.approx([(2 / 3) / (2 / 3 + 4 / 9), (4 / 9) / (2 / 3 + 4 / 9)])
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_more_data():
+    rng = np.random.default_rng(4)
+    small, large = rng.integers(0, 2, 30), rng.integers(0, 2, 600)
+    low_s, high_s = bootstrap_ci(lambda idx: small[idx].mean(), len(small), seed=0)
+    low_l, high_l = bootstrap_ci(lambda idx: large[idx].mean(), len(large), seed=0)
+    assert low_s <= small.mean() <= high_s and low_l <= large.mean() <= high_l
+    assert high_l - low_l < high_s - low_s

@@ -1,0 +1,66 @@
+"""The `raf` command as a user runs it: real subprocesses, exit codes, one-line errors, a tiny quickstart."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+RAF = [sys.executable, "-m", "rafmedia.launch.cli"]
+
+
+def raf(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*RAF, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sinth"], "unknown command 'sinth'; did you mean 'synth'"),
+    (["synth", "train.lrr=1"], "did you mean 'train.lr'"),
+    (["synth", "cohort.num_subjects=many"], "'cohort.num_subjects' must be an integer"),
+    (["pretrain", "--cohort", "/no/such/store"], "cohort store not found: /no/such/store"),
+    (["evaluate", "--cohort", "/no/such/store", "--encoder", "x.safetensors"], "cohort store not found"),
+    (["report", "/no/such/folder"], "report.json not found"),
+    (["synth", "--config", "nope.yaml"], "config file 'nope.yaml' not found"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path):
+    result = raf(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize("command", ["synth", "pretrain", "evaluate", "report", "quickstart", "list"])
+def test_every_subcommand_has_help(command):
+    result = raf(command, "--help")
+    assert result.returncode == 0 and "usage: raf " + command in result.stdout
+
+
+def test_tiny_quickstart_end_to_end(tmp_path):
+    """The whole job on a tiny cohort: report files exist and RAF components are finite and within [0, 1]."""
+    out = tmp_path / "run"
+    result = raf("quickstart", "--config", "tiny", "--out", str(out), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = out / "evaluate" / "report.html"
+    assert str(html.resolve()) in result.stdout
+    report = json.loads((out / "evaluate" / "report.json").read_text())
+    assert set(report["encoders"]) == {"contrastive_two_crop cnn3d_small", "random-init cnn3d_small"}
+    for entry in report["encoders"].values():
+        for key in ("index", "performance", "robustness", "fairness"):
+            assert np.isfinite(entry["raf"][key]) and 0.0 <= entry["raf"][key] <= 1.0
+        assert set(entry["robustness"]) == {"clean", "gaussian_noise", "bias_field"}
+        assert entry["robustness"]["gaussian_noise"]["severity"] == [1, 2, 3, 4, 5]
+        assert set(entry["fairness"]["site"]["groups"]) == {"site-a", "site-b", "site-c"}
+        assert len(entry["probes"]["disease"]["per_seed"]) == 3
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") >= 5 and "Frechet" in page
+    for folder in (out, out / "pretrain", out / "evaluate"):
+        assert (folder / "resolved_config.yaml").is_file()
+    assert (out / "pretrain" / "encoder.safetensors").is_file()
+    assert (out / "cohort.zarr" / "planted.json").is_file()
+    # `raf report` re-renders the same folder.
+    again = raf("report", str(out / "evaluate"))
+    assert again.returncode == 0 and (out / "evaluate" / "summary.png").stat().st_size > 10_000

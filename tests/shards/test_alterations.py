@@ -1,0 +1,57 @@
+"""Alterations: the measured physical effect equals the requested parameter; deterministic; graded."""
+import numpy as np
+import pytest
+import torch
+
+from rafmedia.engine.errors import UserError
+from rafmedia.shards.alterations import create_alteration, list_alterations
+
+
+def _volume(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return 1.0 + torch.rand((2, 1, 32, 32, 32), generator=generator)
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_gaussian_noise_has_the_requested_std(severity):
+    x = _volume()
+    alteration = create_alteration("gaussian_noise", severity=severity)
+    y = alteration(x, torch.Generator().manual_seed(1))
+    for sample in range(2):
+        requested = alteration.parameter * x[sample].std().item()
+        measured = (y[sample] - x[sample]).std().item()
+        assert abs(measured / requested - 1) < 0.02
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_bias_field_log_ratio_has_the_requested_std_and_is_smooth(severity):
+    x = _volume()
+    alteration = create_alteration("bias_field", severity=severity)
+    log_ratio = torch.log(alteration(x, torch.Generator().manual_seed(2)) / x)
+    for sample in range(2):
+        assert abs(log_ratio[sample].std().item() / alteration.parameter - 1) < 1e-3
+        # smooth: neighbouring voxels differ far less than the field varies overall
+        step = (log_ratio[sample, 0, 1:] - log_ratio[sample, 0, :-1]).abs().mean()
+        assert step < 0.2 * log_ratio[sample].std()
+
+
+@pytest.mark.parametrize("name", list_alterations())
+def test_alterations_are_deterministic_graded_and_shape_preserving(name):
+    x = _volume()
+    outputs = [create_alteration(name, severity=s)(x, torch.Generator().manual_seed(7)) for s in range(1, 6)]
+    again = create_alteration(name, severity=3)(x, torch.Generator().manual_seed(7))
+    assert torch.equal(outputs[2], again)
+    assert all(o.shape == x.shape for o in outputs)
+    changes = [float((o - x).abs().mean()) for o in outputs]
+    assert all(a < b for a, b in zip(changes, changes[1:])), changes
+
+
+def test_severity_table_and_errors():
+    assert create_alteration("gaussian_noise", severity=2).parameter == 0.20
+    assert create_alteration("bias_field", parameter=0.33).parameter == 0.33
+    with pytest.raises(UserError, match="severity must be 1 to 5"):
+        create_alteration("bias_field", severity=6)
+    with pytest.raises(UserError, match="did you mean 'gaussian_noise'"):
+        create_alteration("gausian_noise")
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
+        create_alteration("bias_field")(torch.zeros(4, 4, 4))

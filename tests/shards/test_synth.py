@@ -1,0 +1,101 @@
+"""The synthetic cohort: planted biases are physically there, counts are exact, output is deterministic."""
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from rafmedia.engine.errors import UserError
+from rafmedia.shards.store import CohortStore, StoreConfig
+from rafmedia.shards.synth import (CohortConfig, assign_subjects, exact_counts, generate_cohort,
+                                   severity_from_enlargement)
+from tests.conftest import NOISE, small_cohort_config
+
+
+def test_measured_noise_per_site_matches_the_planted_level(small_cohort):
+    store, _ = small_cohort
+    by_site = {}
+    for row in store.read_manifest():
+        label = store.read_label(row["subject_id"])
+        # Air far from the body: the clean signal there is exactly 0, so what remains is the noise.
+        far_air = ~ndimage.binary_dilation(label > 0, iterations=4)
+        by_site.setdefault(row["site"], []).append(store.read(row["subject_id"])[far_air])
+    for site, chunks in by_site.items():
+        measured = np.concatenate(chunks).std()
+        assert abs(measured / NOISE[site] - 1) < 0.10, (site, measured, NOISE[site])
+
+
+def test_planted_sex_imbalance_appears_exactly_in_the_manifest(small_cohort):
+    store, config = small_cohort
+    rows = store.read_manifest()
+    females = sum(row["sex"] == "F" for row in rows)
+    assert females == round(config.num_subjects * config.sex_ratio / (1 + config.sex_ratio)) == 12
+    assert len(rows) - females == 24
+    planted = json.loads((store.path / "planted.json").read_text())
+    assert planted["sex_counts"] == {"F": 12, "M": 24}
+    assert planted["noisy_sites"] == ["site-c"]
+
+
+def test_disease_prevalence_per_site_is_exact(small_cohort):
+    store, config = small_cohort
+    rows = store.read_manifest()
+    for site in config.sites:
+        members = [row for row in rows if row["site"] == site.name]
+        assert len(members) == 12
+        assert sum(row["disease"] for row in members) == round(site.disease_prevalence * 12)
+
+
+def test_disease_is_an_enlarged_heart_with_ordinal_severity(small_cohort):
+    store, _ = small_cohort
+    rows = store.read_manifest()
+    heart = {row["subject_id"]: store.subject_attrs(row["subject_id"])["truth"]["heart_voxels"] for row in rows}
+    sick = [heart[r["subject_id"]] for r in rows if r["disease"]]
+    healthy = [heart[r["subject_id"]] for r in rows if not r["disease"]]
+    assert np.median(sick) > 1.5 * np.median(healthy)
+    assert all((row["severity"] > 0) == bool(row["disease"]) for row in rows)
+    assert [severity_from_enlargement(r, True) for r in (1.20, 1.30, 1.40)] == [1, 2, 3]
+
+
+def test_labels_hold_every_structure_and_images_are_float32(small_cohort):
+    store, _ = small_cohort
+    subject = store.subject_ids()[0]
+    assert store.read(subject).dtype == np.float32
+    assert {1, 2, 3, 4} <= set(np.unique(store.read_label(subject)).tolist())
+
+
+def test_same_seed_same_cohort_whatever_the_number_of_workers(tmp_path):
+    config = small_cohort_config(num_subjects=6, shape=[24, 24, 24])
+    one = generate_cohort(config, store_config=StoreConfig(chunk_size=16), out=tmp_path / "a.zarr", progress=False)
+    config.workers = 2
+    two = generate_cohort(config, store_config=StoreConfig(chunk_size=16), out=tmp_path / "b.zarr", progress=False)
+    assert (tmp_path / "a.zarr" / "manifest.csv").read_text() == (tmp_path / "b.zarr" / "manifest.csv").read_text()
+    for subject in one.subject_ids():
+        assert np.array_equal(one.read(subject), two.read(subject))
+        assert np.array_equal(one.read_label(subject), two.read_label(subject))
+    config.seed = 4
+    other = generate_cohort(config, store_config=StoreConfig(chunk_size=16), out=tmp_path / "c.zarr", progress=False)
+    assert not np.array_equal(one.read(one.subject_ids()[0]), other.read(other.subject_ids()[0]))
+
+
+def test_rerun_resumes_and_keeps_finished_subjects(tmp_path):
+    config = small_cohort_config(num_subjects=4, shape=[24, 24, 24])
+    store = generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False)
+    first = store.subject_ids()[0]
+    stamp = (store.path / "subjects" / first / "zarr.json").stat().st_mtime_ns
+    generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False)
+    assert (store.path / "subjects" / first / "zarr.json").stat().st_mtime_ns == stamp
+    assert len(CohortStore(tmp_path / "c.zarr").read_manifest()) == 4
+
+
+def test_exact_counts_and_assignment():
+    assert exact_counts(10, [1, 1, 1]) == [4, 3, 3]
+    assert sum(exact_counts(199, [0.2, 0.3, 0.5])) == 199
+    subjects = assign_subjects(CohortConfig(num_subjects=30, sex_ratio=2.0))
+    assert sum(s["sex"] == "F" for s in subjects) == 20
+
+
+def test_bad_cohort_config_is_a_user_error():
+    with pytest.raises(UserError, match="sex_ratio"):
+        CohortConfig(sex_ratio=0).validate()
+    with pytest.raises(UserError, match="disease_prevalence"):
+        small_cohort_config(sites=[small_cohort_config().sites[0].__class__(disease_prevalence=1.5)]).validate()
