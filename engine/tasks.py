@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rafmedia.engine.registry import Registry
-from rafmedia.engine.views import TwoCropViews
+from rafmedia.engine.views import ROTATIONS_3D, RotationViews, TwoCropViews
 
 TASKS: Registry[nn.Module] = Registry("pretext task")
 
@@ -67,6 +67,30 @@ class TwoCropContrastive(nn.Module):
         z_a, z_b = self.head(self.encoder(both)).chunk(2)
         loss, accuracy = info_nce(z_a, z_b, self.temperature)
         return {"loss": loss, "pair_accuracy": accuracy.detach()}
+
+
+class RotationPrediction(nn.Module):
+    """3D rotation prediction (Taleb et al., NeurIPS 2020): classify which of 10 rotations a crop went through."""
+
+    def __init__(self, encoder: nn.Module, views: RotationViews, hidden_dim: int = 256):
+        super().__init__()
+        self.encoder = encoder
+        self.views = views
+        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                  nn.ReLU(inplace=True), nn.Linear(hidden_dim, len(ROTATIONS_3D)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.head(self.encoder(batch["view"]))
+        loss = F.cross_entropy(logits, batch["rotation"])
+        return {"loss": loss, "accuracy": (logits.argmax(dim=1) == batch["rotation"]).float().mean().detach()}
+
+
+@TASKS.register("rotation")
+def rotation(encoder: nn.Module, crop_size: int = 40, hidden_dim: int = 256, intensity_scale: float = 0.2,
+             intensity_shift: float = 0.2, noise_std: float = 0.2) -> nn.Module:
+    views = RotationViews(crop_size=crop_size, intensity_scale=intensity_scale, intensity_shift=intensity_shift,
+                          noise_std=noise_std)
+    return RotationPrediction(encoder, views, hidden_dim=hidden_dim)
 
 
 @TASKS.register("contrastive_two_crop")

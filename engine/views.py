@@ -52,23 +52,28 @@ def gaussian_noise(x_BCDHW: torch.Tensor, generator: torch.Generator, max_std: f
 
 
 def gaussian_blur(x_BCDHW: torch.Tensor, generator: torch.Generator, max_sigma: float, probability: float = 0.5) -> torch.Tensor:
-    """Blurs each sample with probability `probability`, sigma ~ U(0, max_sigma) voxels (separable 3D Gaussian)."""
+    """Blurs each sample with probability `probability`, sigma ~ U(0, max_sigma) voxels (separable 3D Gaussian,
+    zero padding, truncated at 3 sigma). Only the chosen samples are convolved."""
     if max_sigma <= 0:
         return x_BCDHW
     batch, channels = x_BCDHW.shape[:2]
-    sigmas = _uniform(generator, 0.0, max_sigma, (batch,)) * (torch.rand((batch,), generator=generator) < probability)
+    sigmas = _uniform(generator, 0.0, max_sigma, (batch,))
+    chosen = torch.nonzero(torch.rand((batch,), generator=generator) < probability).flatten()
+    if len(chosen) == 0:
+        return x_BCDHW
     radius = max(1, int(3 * max_sigma + 0.5))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernels = torch.exp(-0.5 * (offsets[None] / sigmas.clamp(min=1e-3)[:, None]) ** 2)
-    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, K)
-    out = x_BCDHW.reshape(1, batch * channels, *x_BCDHW.shape[2:])
+    kernels = torch.exp(-0.5 * (offsets[None] / sigmas[chosen].clamp(min=1e-3)[:, None]) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0).to(x_BCDHW)
+    groups = len(chosen) * channels
+    blurred = x_BCDHW[chosen].reshape(1, groups, *x_BCDHW.shape[2:])
     for axis in range(3):
-        shape = [batch * channels, 1, 1, 1, 1]
-        shape[2 + axis] = len(offsets)
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        out = torch.nn.functional.conv3d(out, kernels.view(shape), padding=tuple(padding), groups=batch * channels)
-    return out.view_as(x_BCDHW)
+        shape, padding = [groups, 1, 1, 1, 1], [0, 0, 0]
+        shape[2 + axis], padding[axis] = len(offsets), radius
+        blurred = torch.nn.functional.conv3d(blurred, kernels.view(shape), padding=tuple(padding), groups=groups)
+    out = x_BCDHW.clone()
+    out[chosen] = blurred.view(len(chosen), channels, *x_BCDHW.shape[2:])
+    return out
 
 
 def random_gamma(x_BCDHW: torch.Tensor, generator: torch.Generator, max_log_gamma: float) -> torch.Tensor:
@@ -114,3 +119,31 @@ class TwoCropViews:
         x_BCDHW = gaussian_blur(x_BCDHW, generator, self.blur_sigma)
         x_BCDHW = intensity_jitter(x_BCDHW, generator, self.intensity_scale, self.intensity_shift)
         return gaussian_noise(x_BCDHW, generator, self.noise_std)
+
+
+# The 10 rotation classes of Taleb et al. (NeurIPS 2020): identity, then 90/180/270 degrees about each axis.
+ROTATIONS_3D: tuple[tuple[int, tuple[int, int]], ...] = ((0, (1, 2)),) + tuple(
+    (quarter_turns, plane) for plane in ((2, 3), (1, 3), (1, 2)) for quarter_turns in (1, 2, 3))
+
+
+def rotate(x_CDHW: torch.Tensor, rotation: int) -> torch.Tensor:
+    quarter_turns, plane = ROTATIONS_3D[rotation]
+    return torch.rot90(x_CDHW, quarter_turns, dims=plane)
+
+
+@dataclass
+class RotationViews:
+    """One augmented cubic crop per volume, rotated by one of the 10 rotations; the label is its index."""
+
+    crop_size: int = 40
+    intensity_scale: float = 0.2
+    intensity_shift: float = 0.2
+    noise_std: float = 0.2
+
+    def __call__(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = volumes_BCDHW.shape[0]
+        crops = crop(volumes_BCDHW, random_crop_starts(generator, volumes_BCDHW.shape[2:], self.crop_size, batch), self.crop_size)
+        labels = torch.randint(0, len(ROTATIONS_3D), (batch,), generator=generator)
+        rotated = torch.stack([rotate(c, int(r)) for c, r in zip(crops, labels)])
+        rotated = intensity_jitter(rotated, generator, self.intensity_scale, self.intensity_shift)
+        return {"view": gaussian_noise(rotated, generator, self.noise_std), "rotation": labels}

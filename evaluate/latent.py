@@ -10,8 +10,16 @@ from rafmedia.evaluate.metrics import frechet_distance, rankme
 from rafmedia.evaluate.probes import attribute_leakage_auroc
 
 
+def standardize(emb_ND: np.ndarray) -> np.ndarray:
+    """Z-scores each embedding dimension over the cohort, so distances are comparable across encoders whose
+    embeddings have different scales (a random-init encoder's are orders of magnitude smaller)."""
+    return (emb_ND - emb_ND.mean(axis=0)) / np.maximum(emb_ND.std(axis=0), 1e-12)
+
+
 def frechet_matrix(emb_ND: np.ndarray, groups_N: np.ndarray) -> dict[str, Any]:
-    """Pairwise Frechet distances between groups' embeddings, and each group's mean distance to the others."""
+    """Pairwise Frechet distances between groups' standardised embeddings, and each group's mean distance to
+    the others."""
+    emb_ND = standardize(emb_ND)
     names = sorted(set(groups_N.tolist()))
     matrix = np.zeros((len(names), len(names)))
     for i, a in enumerate(names):

@@ -5,6 +5,7 @@ never silently dropped from an average.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -67,7 +68,10 @@ def frechet_distance(emb_x_ND: np.ndarray, emb_y_MD: np.ndarray) -> float:
     x, y = np.asarray(emb_x_ND, dtype=np.float64), np.asarray(emb_y_MD, dtype=np.float64)
     mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
     sigma_x, sigma_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    covmean = linalg.sqrtm(sigma_x @ sigma_y)
+    with warnings.catch_warnings():
+        # With fewer samples than dimensions the covariances are singular; sqrtm still returns the PSD root.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma_x @ sigma_y)
     if np.iscomplexobj(covmean):
         covmean = covmean.real  # imaginary parts are numerical noise for PSD products
     return float(np.sum((mu_x - mu_y) ** 2) + np.trace(sigma_x) + np.trace(sigma_y) - 2 * np.trace(covmean))

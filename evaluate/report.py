@@ -68,68 +68,85 @@ def _planted_section(report: dict[str, Any]) -> str:
             + (f"<ul>{''.join(checks)}</ul>" if checks else ""))
 
 
-def render_html(report: dict[str, Any]) -> str:
+def _raf_section(report: dict[str, Any]) -> str:
     encoders = report["encoders"]
-    first = next(iter(encoders.values()))
-    primary = report["config"]["primary_target"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>rafmedia RAF report</title><style>{STYLE}</style></head><body>",
-             "<h1>rafmedia: robustness and fairness report</h1>",
-             f"<p class='note'>Cohort: {html.escape(report['cohort']['path'])}. Primary target: <b>{html.escape(primary)}</b>. "
-             "Every number is in report.json next to this file.</p>",
-             "<h2>RAF index</h2>",
-             _table(["encoder", "RAF index", "performance", "robustness", "fairness"],
-                    [[n, e["raf"]["index"], e["raf"]["performance"], e["raf"]["robustness"], e["raf"]["fairness"]]
-                     for n, e in encoders.items()]),
-             "<p class='note'>performance = clip(2(AUROC-0.5)); robustness = severity-weighted share of clean skill kept "
-             "under alterations (weights (2/3)^s); fairness = 1 - largest accuracy gap between groups; index = geometric mean.</p>",
-             _img(figures.raf_figure(report), "RAF components"),
-             "<h2>Scan-level probes (clean)</h2>",
-             _table(["encoder", "target", "AUROC mean", "AUROC std", "accuracy mean", "balanced acc."],
-                    [[n, t, p["auroc"]["mean"], p["auroc"]["std"], p["accuracy"]["mean"], p["balanced_accuracy"]["mean"]]
-                     for n, e in encoders.items() for t, p in e["probes"].items()]),
-             _img(figures.probe_figure(report), "probe AUROC"),
-             "<h2>Robustness</h2>", _img(figures.degradation_figure(report), "degradation curves")]
-    robustness_rows = []
-    for name, entry in encoders.items():
+    return "".join([
+        "<h2>RAF index</h2>",
+        _table(["encoder", "RAF index", "performance", "robustness", "fairness"],
+               [[n, e["raf"]["index"], e["raf"]["performance"], e["raf"]["robustness"], e["raf"]["fairness"]]
+                for n, e in encoders.items()]),
+        "<p class='note'>performance = clip(2(AUROC-0.5)); robustness = severity-weighted share of clean skill kept "
+        "under alterations (weights (2/3)^s); fairness = 1 - largest accuracy gap between groups; index = geometric mean.</p>",
+        _img(figures.raf_figure(report), "RAF components"),
+        "<h2>Scan-level probes (clean)</h2>",
+        _table(["encoder", "target", "AUROC mean", "AUROC std", "accuracy mean", "balanced acc."],
+               [[n, t, p["auroc"]["mean"], p["auroc"]["std"], p["accuracy"]["mean"], p["balanced_accuracy"]["mean"]]
+                for n, e in encoders.items() for t, p in e["probes"].items()]),
+        _img(figures.probe_figure(report), "probe AUROC")])
+
+
+def _robustness_section(report: dict[str, Any]) -> str:
+    rows, severities = [], []
+    for name, entry in report["encoders"].items():
         for alteration, record in entry["robustness"].items():
-            if alteration == "clean":
-                continue
-            robustness_rows.append([name, alteration, *record["auroc"], record.get("corruption_error"),
-                                    record.get("relative_corruption_error")])
-    severities = next(v for k, v in first["robustness"].items() if k != "clean")["severity"]
-    parts.append(_table(["encoder", "alteration", *[f"AUROC s={s}" for s in severities], "CE", "relative CE"], robustness_rows))
-    parts.append("<p class='note'>CE and relative CE use error = 1 - balanced accuracy against the random-init baseline "
-                 "(ImageNet-C / MedMNIST-C definitions).</p>")
-    parts.append("<h2>Fairness</h2>")
-    for attribute in first["fairness"]:
+            if alteration != "clean":
+                severities = record["severity"]
+                rows.append([name, alteration, *record["auroc"], record.get("corruption_error"),
+                             record.get("relative_corruption_error")])
+    return "".join([
+        "<h2>Robustness</h2>", _img(figures.degradation_figure(report), "degradation curves"),
+        _table(["encoder", "alteration", *[f"AUROC s={s}" for s in severities], "CE", "relative CE"], rows),
+        "<p class='note'>Robustness is measured on the first replicate (its test split; for the random baseline, its "
+        "first initialisation): the probe fitted on clean training scans scores altered test scans. CE and relative "
+        "CE use error = 1 - balanced accuracy against the random-init baseline (ImageNet-C / MedMNIST-C).</p>"])
+
+
+def _fairness_section(report: dict[str, Any], attributes: list[str]) -> str:
+    parts = ["<h2>Fairness</h2>"]
+    for attribute in attributes:
         rows = []
-        for name, entry in encoders.items():
+        for name, entry in report["encoders"].items():
             result = entry["fairness"][attribute]
             for group, g in result["groups"].items():
-                ci = g["ci95_first_replicate"]["accuracy"]
-                flag = "<span class='flag'>small group</span>" if g["small_group"] else ""
-                rows.append([name, group, g["n_test"], g["accuracy"], f"[{_fmt(ci[0])}, {_fmt(ci[1])}]", g["auroc"], flag or "-"])
-            rows.append([name, "<b>gap / worst</b>", "", result["accuracy"]["gap"], result["accuracy"]["worst_group"],
-                         result["auroc"]["gap"], result["auroc"]["worst_group"]])
-        parts.append(f"<h3>by {html.escape(attribute)}</h3>")
-        parts.append(_table(["encoder", "group", "n test", "accuracy", "95% CI (bootstrap)", "AUROC", "note"], rows))
-        parts.append(_img(figures.group_figure(report, attribute), f"groups by {attribute}"))
-    parts.append("<h2>Label-free latent tests</h2>")
-    latent_rows = []
-    for name, entry in encoders.items():
-        for attribute in first["fairness"]:
-            lat = entry["latent"][attribute]
-            latent_rows.append([name, attribute, lat["leakage_auroc"], lat["frechet"]["farthest"],
-                                max(lat["frechet"]["mean_to_others"].values()), entry["latent"]["rankme"]])
-    parts.append(_table(["encoder", "attribute", "leakage AUROC", "farthest group", "its mean Frechet distance", "RankMe"],
-                        latent_rows))
-    parts.append("<p class='note'>Leakage AUROC: how well the attribute is predicted from embeddings (0.5 = not at all). "
-                 "A high site leakage means the encoder encodes acquisition, a bias the probes can exploit.</p>")
-    if "site" in first["latent"]:
+                replicate0 = g["first_replicate"]
+                ci = replicate0["ci95"]["accuracy"]
+                flag = "<span class='flag'>small group</span>" if g["small_group"] else "-"
+                rows.append([name, group, f"{g['n_test']:.0f}", g["accuracy"], g["auroc"],
+                             f"{_fmt(replicate0['accuracy'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]", flag])
+            rows.append([name, "<b>gap / worst group</b>", "",
+                         f"{_fmt(result['accuracy']['gap'])} / {_fmt(result['accuracy']['worst_group'])}",
+                         f"{_fmt(result['auroc']['gap'])} / {_fmt(result['auroc']['worst_group'])}", "", ""])
+        parts += [f"<h3>by {html.escape(attribute)}</h3>",
+                  _table(["encoder", "group", "n test", "accuracy (mean)", "AUROC (mean)",
+                          "accuracy, replicate 0 [bootstrap 95% CI]", "note"], rows),
+                  _img(figures.group_figure(report, attribute), f"groups by {attribute}")]
+    return "".join(parts)
+
+
+def _latent_section(report: dict[str, Any], attributes: list[str]) -> str:
+    rows = [[name, attribute, entry["latent"][attribute]["leakage_auroc"], entry["latent"][attribute]["frechet"]["farthest"],
+             max(entry["latent"][attribute]["frechet"]["mean_to_others"].values()), entry["latent"]["rankme"]]
+            for name, entry in report["encoders"].items() for attribute in attributes]
+    parts = ["<h2>Label-free latent tests</h2>",
+             _table(["encoder", "attribute", "leakage AUROC", "farthest group", "its mean Frechet distance", "RankMe"], rows),
+             "<p class='note'>Leakage AUROC: how well the attribute is predicted from embeddings (0.5 = not at all); a "
+             "high site leakage means the encoder encodes acquisition, a bias the probes can exploit. Frechet distances "
+             "are between the groups' standardised embeddings.</p>"]
+    if "site" in attributes:
         parts.append(_img(figures.frechet_figure(report, "site"), "Frechet distances between sites"))
-    parts.append(_planted_section(report))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return "".join(parts)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    attributes = list(next(iter(report["encoders"].values()))["fairness"])
+    primary = report["config"]["primary_target"]
+    return "\n".join([
+        f"<!doctype html><html><head><meta charset='utf-8'><title>rafmedia RAF report</title><style>{STYLE}</style></head><body>",
+        "<h1>rafmedia: robustness and fairness report</h1>",
+        f"<p class='note'>Cohort: {html.escape(report['cohort']['path'])}. Primary target: <b>{html.escape(primary)}</b>. "
+        "Every number is in report.json next to this file.</p>",
+        _raf_section(report), _robustness_section(report), _fairness_section(report, attributes),
+        _latent_section(report, attributes), _planted_section(report), "</body></html>"])
 
 
 def render_report(results_dir: str | Path) -> Path:

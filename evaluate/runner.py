@@ -9,6 +9,7 @@ random baseline is a fresh random initialisation per seed, so its numbers averag
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,19 @@ def binary_labels(rows: list[dict[str, Any]], target: str) -> np.ndarray:
 
 
 def build_entries(config: EvaluateConfig) -> list[EncoderEntry]:
+    """One entry per exported encoder (named by its card; by card and file when cards share a name), plus the
+    random baseline of the first encoder's architecture."""
+    if len(set(config.encoders)) != len(config.encoders):
+        raise UserError(f"an encoder is given twice: {config.encoders}")
+    loaded = [(path, *load_encoder(path)) for path in config.encoders]
+    names = [card.get("name", Path(path).stem) for path, _, card in loaded]
     entries = []
-    for path in config.encoders:
-        model, card = load_encoder(path)
-        entries.append(EncoderEntry(name=card.get("name", Path(path).stem), source=str(path),
-                                    replicates=[Replicate(seed, model) for seed in config.seeds]))
+    for (path, model, card), name in zip(loaded, names):
+        if names.count(name) > 1:
+            name = f"{name} ({Path(path).parent.name}/{Path(path).name})"
+        entries.append(EncoderEntry(name=name, source=str(path), replicates=[Replicate(seed, model) for seed in config.seeds]))
     if config.random_baseline:
-        _, card = load_encoder(config.encoders[0])
+        card = loaded[0][2]
         replicates = []
         for seed in config.seeds:
             torch.manual_seed(seed)
@@ -117,12 +124,13 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True) -> dict[str
     config.validate()
     store = CohortStore(config.cohort)
     rows = store.read_manifest()
-    for column in {config.primary_target, *config.targets, *config.group_by}:
+    targets = list(dict.fromkeys([config.primary_target, *config.targets]))  # ordered: the report is deterministic
+    for column in [*targets, *config.group_by]:
         if column not in rows[0]:
             raise UserError(f"column '{column}' is not in {store.path / 'manifest.csv'} (columns: {', '.join(rows[0])})")
     volumes = load_volumes(store, [row["subject_id"] for row in rows], normalize=False, progress=progress)
     entries = build_entries(config)
-    labels = {target: binary_labels(rows, target) for target in {config.primary_target, *config.targets}}
+    labels = {target: binary_labels(rows, target) for target in targets}
     splits = {seed: split_indices(labels[config.primary_target], test_fraction=config.test_fraction, seed=seed)
               for seed in config.seeds}
 
@@ -146,8 +154,7 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True) -> dict[str
     add_corruption_errors(results, baseline=entries[-1].name if config.random_baseline else None)
     for entry_results in results.values():
         entry_results["raf"] = raf_summary(entry_results, config.primary_target)
-    return {"cohort": cohort_summary(store, rows, config), "config": {"primary_target": config.primary_target},
-            "encoders": results}
+    return {"cohort": cohort_summary(store, rows, config), "config": dataclasses.asdict(config), "encoders": results}
 
 
 @dataclass
@@ -216,8 +223,9 @@ def fairness_results(fits: dict[tuple[int, str], ProbeFit], y: np.ndarray, rows,
             groups_out[group] = {
                 "n_test": float(np.mean(sizes)), "auroc": _nanmean(aurocs), "accuracy": _nanmean(accuracies),
                 "auroc_per_replicate": aurocs, "accuracy_per_replicate": accuracies,
-                "ci95_first_replicate": group_cis(first.scores[member], first.predictions[member],
-                                                  y[first.test_idx][member], config, seed=0),
+                "first_replicate": {"auroc": aurocs[0], "accuracy": accuracies[0],
+                                    "ci95": group_cis(first.scores[member], first.predictions[member],
+                                                      y[first.test_idx][member], config, seed=0)},
                 "small_group": bool(np.mean(sizes) < config.min_group_size)}
         per_attribute[attribute] = {
             "groups": groups_out,

@@ -36,6 +36,26 @@ class RafArgumentParser(argparse.ArgumentParser):
         return []
 
 
+EXAMPLES = {
+    "synth": """examples:
+  raf synth --out runs/synth                              # 200 subjects at 64^3, planted biases of default.yaml
+  raf synth --out runs/big cohort.num_subjects=500 cohort.shape=[96,96,96]
+  raf synth --out runs/noisy cohort.sites.2.noise_std=0.2 cohort.sex_ratio=0.25""",
+    "pretrain": """examples:
+  raf pretrain --cohort runs/synth --out runs/pretrain
+  raf pretrain --cohort runs/synth --out runs/p2 train.steps=1000 task.options.temperature=0.2
+  raf pretrain --cohort runs/synth --out runs/rot task.name=rotation 'task.options={crop_size: 40}'
+  (re-running with the same --out resumes from checkpoints/latest.pt)""",
+    "evaluate": """examples:
+  raf evaluate --cohort runs/synth --encoder runs/pretrain/encoder.safetensors --out runs/eval
+  raf evaluate --cohort runs/synth --encoder a.safetensors --encoder b.safetensors evaluate.seeds=[0,1,2,3,4]
+  raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site]""",
+    "quickstart": """examples:
+  raf quickstart                          # about 3 minutes on 2 CPU cores, into runs/quickstart
+  raf quickstart --config tiny --out runs/tiny   # the same pipeline in seconds""",
+}
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("-c", "--config", metavar="FILE", help="YAML config (path or packaged name, e.g. tiny)")
     parser.add_argument("--out", metavar="DIR", default=out_default, help=f"output folder (default: {out_default})")
@@ -57,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Generate the synthetic cohort (simplified 3D body scans with labels, "
                                 "demographics, per-site acquisition profiles and planted biases) into OUT/cohort.zarr, "
                                 "with manifest.csv and planted.json inside. Re-running resumes; --overwrite starts again.",
-                                epilog=EPILOG_CONFIG, formatter_class=formatter)
+                                epilog=EXAMPLES["synth"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(synth, "runs/synth")
     synth.add_argument("--overwrite", action="store_true", help="delete an existing store first")
 
@@ -65,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Pretrain encoder.name with task.name on a cohort store; writes "
                                    "OUT/encoder.safetensors + encoder.card.json, metrics.jsonl and checkpoints/ "
                                    "(a re-run resumes from the last checkpoint).",
-                                   epilog=EPILOG_CONFIG, formatter_class=formatter)
+                                   epilog=EXAMPLES["pretrain"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(pretrain, "runs/pretrain")
     pretrain.add_argument("--cohort", metavar="STORE", help="cohort store (or a folder holding cohort.zarr); sets data.cohort")
 
@@ -73,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Embed the cohort with each encoder (and a random-init baseline), fit "
                                    "linear probes, score robustness under alterations, per-group fairness and latent "
                                    "bias tests; writes OUT/report.json and OUT/report.html.",
-                                   epilog=EPILOG_CONFIG, formatter_class=formatter)
+                                   epilog=EXAMPLES["evaluate"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(evaluate, "runs/evaluate")
     evaluate.add_argument("--cohort", metavar="STORE", help="cohort store; sets evaluate.cohort")
     evaluate.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
@@ -87,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser("quickstart", help="synth -> pretrain -> evaluate -> report, in one run folder",
                                      description="Run the whole main job on the built-in synthetic cohort into OUT/ "
                                      "and print the path of the report. About 3 minutes on 2 CPU cores; "
-                                     "`--config tiny` takes seconds.", epilog=EPILOG_CONFIG, formatter_class=formatter)
+                                     "`--config tiny` takes seconds.", epilog=EXAMPLES["quickstart"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(quickstart, "runs/quickstart")
 
     listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")

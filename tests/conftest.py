@@ -25,3 +25,15 @@ def small_cohort(tmp_path_factory):
     config = small_cohort_config()
     store = generate_cohort(config, store_config=StoreConfig(chunk_size=16), out=out, progress=False)
     return store, config
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped, with a reason, on machines without CUDA (CI has none); all others always run."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -60,3 +60,45 @@ def test_contrastive_loss_decreases_on_the_synthetic_cohort(small_cohort):
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.2  # chance level is log(23) = 3.1
+
+
+def test_gaussian_blur_matches_scipy_and_leaves_unchosen_samples_alone():
+    from scipy import ndimage
+
+    from rafmedia.engine.views import gaussian_blur
+
+    x = torch.randn(6, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = gaussian_blur(x, torch.Generator().manual_seed(3), max_sigma=1.0, probability=0.5)
+    generator = torch.Generator().manual_seed(3)  # replay the draws: sigmas, then which samples are blurred
+    sigmas = torch.rand((6,), generator=generator)
+    chosen = torch.rand((6,), generator=generator) < 0.5
+    assert chosen.any() and (~chosen).any()
+    for index in range(6):
+        if chosen[index]:
+            sigma = float(sigmas[index])
+            expected = ndimage.gaussian_filter(x[index, 0].numpy(), sigma, mode="constant", truncate=3.0 / sigma)
+            assert abs(expected - y[index, 0].numpy()).max() < 1e-5
+        else:
+            assert torch.equal(y[index], x[index])
+
+
+def test_random_gamma_keeps_each_sample_mean_and_std():
+    from rafmedia.engine.views import random_gamma
+
+    x = torch.rand(4, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    y = random_gamma(x, torch.Generator().manual_seed(2), max_log_gamma=0.5)
+    torch.testing.assert_close(y.flatten(1).mean(1), x.flatten(1).mean(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.flatten(1).std(1), x.flatten(1).std(1), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y, x, atol=1e-3)
+
+
+def test_rotation_views_labels_can_be_recovered():
+    from rafmedia.engine.views import ROTATIONS_3D, RotationViews, rotate
+
+    volumes = torch.randn(8, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    views = RotationViews(crop_size=12, intensity_scale=0, intensity_shift=0, noise_std=0)
+    out = views(volumes, torch.Generator().manual_seed(1))
+    assert len(ROTATIONS_3D) == 10 and len({r for r in ROTATIONS_3D}) == 10
+    for volume, view, label in zip(volumes, out["view"], out["rotation"]):
+        matches = [r for r in range(10) if torch.equal(rotate(volume, r), view)]
+        assert matches == [int(label)]  # exactly one rotation explains the view
