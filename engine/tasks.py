@@ -97,10 +97,10 @@ def rotation(encoder: nn.Module, crop_size: int = 40, hidden_dim: int = 256, int
 def contrastive_two_crop(encoder: nn.Module, temperature: float = 0.2, projection_dim: int = 64, hidden_dim: int = 256,
                          crop_size: int = 40, max_shift: int = 12, flip_probability: float = 0.5,
                          intensity_scale: float = 0.2, intensity_shift: float = 0.2, noise_std: float = 0.2,
-                         blur_sigma: float = 0.0, gamma: float = 0.0) -> nn.Module:
+                         blur_sigma: float = 0.0, gamma: float = 0.0, bias_field: float = 0.0) -> nn.Module:
     views = TwoCropViews(crop_size=crop_size, max_shift=max_shift, flip_probability=flip_probability,
                          intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std,
-                         blur_sigma=blur_sigma, gamma=gamma)
+                         blur_sigma=blur_sigma, gamma=gamma, bias_field=bias_field)
     return TwoCropContrastive(encoder, views, projection_dim=projection_dim, hidden_dim=hidden_dim, temperature=temperature)
 
 

@@ -91,6 +91,23 @@ def random_gamma(x_BCDHW: torch.Tensor, generator: torch.Generator, max_log_gamm
     return standardized * flat.std(dim=1).view(shape) + flat.mean(dim=1).view(shape)
 
 
+def random_bias_field(x_BCDHW: torch.Tensor, generator: torch.Generator, max_strength: float) -> torch.Tensor:
+    """Smooth multiplicative inhomogeneity: (x - min) * exp(s * field), s ~ U(0, max_strength) per sample, then
+    each sample's mean and std are restored (the views are z-scored volumes, not raw intensities)."""
+    if max_strength <= 0:
+        return x_BCDHW
+    from rafmedia.shards.alterations.intensity import smooth_log_field
+
+    batch, shape = x_BCDHW.shape[0], (-1, 1, 1, 1, 1)
+    flat = x_BCDHW.flatten(1)
+    strength = _uniform(generator, 0.0, max_strength, (batch,)).view(shape)
+    field = smooth_log_field(x_BCDHW.shape[2:], batch, generator, x_BCDHW.device)
+    out = (x_BCDHW - flat.min(dim=1).values.view(shape)) * torch.exp(strength * field)
+    out_flat = out.flatten(1)
+    standardized = (out - out_flat.mean(dim=1).view(shape)) / out_flat.std(dim=1).clamp(min=1e-6).view(shape)
+    return standardized * flat.std(dim=1).view(shape) + flat.mean(dim=1).view(shape)
+
+
 @dataclass
 class TwoCropViews:
     """Two augmented crops of each volume whose corners differ by at most `max_shift` voxels per axis."""
@@ -103,6 +120,7 @@ class TwoCropViews:
     noise_std: float = 0.2
     blur_sigma: float = 0.0  # max blur sigma (voxels), applied to half the views
     gamma: float = 0.0  # max |log gamma| of the contrast change
+    bias_field: float = 0.0  # max strength of a smooth multiplicative field
 
     def __call__(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch, spatial = volumes_BCDHW.shape[0], volumes_BCDHW.shape[2:]
@@ -116,6 +134,7 @@ class TwoCropViews:
     def _augment(self, x_BCDHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x_BCDHW = random_flip(x_BCDHW, generator, self.flip_probability)
         x_BCDHW = random_gamma(x_BCDHW, generator, self.gamma)
+        x_BCDHW = random_bias_field(x_BCDHW, generator, self.bias_field)
         x_BCDHW = gaussian_blur(x_BCDHW, generator, self.blur_sigma)
         x_BCDHW = intensity_jitter(x_BCDHW, generator, self.intensity_scale, self.intensity_shift)
         return gaussian_noise(x_BCDHW, generator, self.noise_std)

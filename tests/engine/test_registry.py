@@ -21,3 +21,26 @@ def test_unknown_name_and_unknown_option_are_user_errors_with_suggestions():
         registry.create("sqare")
     with pytest.raises(UserError, match="has no option 'sid'; did you mean 'side'"):
         registry.create("square", sid=2)
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from rafmedia.engine.files import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.txt", "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+    def failing(tmp):
+        tmp.write_text("partial")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_text() == "second"  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
