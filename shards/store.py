@@ -127,7 +127,15 @@ class CohortStore:
         writer.writerows(rows)
         return atomic_write_text(self.path / MANIFEST, buffer.getvalue())
 
+    def update_attrs(self, attrs: dict[str, Any]) -> None:
+        """Adds store-level attributes (e.g. how the cohort was made) to the root group."""
+        zarr.open_group(str(self.path), mode="r+").attrs.update(attrs)
+
     # ---- reading -------------------------------------------------------------------------------
+    def attrs(self) -> dict[str, Any]:
+        """Store-level attributes of the root group."""
+        return dict(zarr.open_group(str(self.path), mode="r").attrs)
+
     def has_subject(self, subject_id: str) -> bool:
         return (self.path / SUBJECTS / subject_id / "zarr.json").is_file()
 

@@ -19,6 +19,7 @@ the same seed gives the same cohort whatever the number of worker processes.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -241,6 +242,7 @@ def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str
 
     config.validate()
     store = CohortStore.create(out, config=store_config, name=config.name, overwrite=overwrite)
+    _check_same_recipe(store, config)
     subjects = assign_subjects(config)
     rows: dict[str, dict[str, Any]] = {}
     todo = [s for s in subjects if not store.has_subject(s["subject_id"])]
@@ -268,6 +270,19 @@ def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str
     store.write_manifest(manifest)
     write_json(store.path / "planted.json", planted_truth(config, manifest))
     return store
+
+
+def _check_same_recipe(store: CohortStore, config: CohortConfig) -> None:
+    """Resuming is only safe with the config that started the store; anything else would mix two cohorts."""
+    recipe = json.loads(json.dumps(asdict(config)))
+    recipe.pop("workers")  # the number of processes does not change the cohort
+    existing = store.attrs().get("synth_config")
+    if existing is None:
+        store.update_attrs({"synth_config": recipe})
+    elif existing != recipe:
+        changed = sorted(key for key in recipe if recipe[key] != existing.get(key))
+        raise UserError(f"{store.path} was generated with a different cohort config (changed: {', '.join(changed)}); "
+                        "pass --overwrite to regenerate it, or choose another --out")
 
 
 @contextlib.contextmanager

@@ -99,3 +99,15 @@ def test_bad_cohort_config_is_a_user_error():
         CohortConfig(sex_ratio=0).validate()
     with pytest.raises(UserError, match="disease_prevalence"):
         small_cohort_config(sites=[small_cohort_config().sites[0].__class__(disease_prevalence=1.5)]).validate()
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    config = small_cohort_config(num_subjects=4, shape=[24, 24, 24])
+    generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False)
+    config.workers = 2  # the number of workers does not change the cohort: resuming is fine
+    generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False)
+    config.num_subjects = 6
+    with pytest.raises(UserError, match="different cohort config \\(changed: num_subjects\\)"):
+        generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False)
+    store = generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False, overwrite=True)
+    assert len(store.subject_ids()) == 6
