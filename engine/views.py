@@ -76,6 +76,14 @@ def gaussian_blur(x_BCDHW: torch.Tensor, generator: torch.Generator, max_sigma: 
     return out
 
 
+def _match_moments(x_BCDHW: torch.Tensor, reference_BCDHW: torch.Tensor) -> torch.Tensor:
+    """Gives each sample of `x` the mean and std of the same sample of `reference`."""
+    shape = (-1, 1, 1, 1, 1)
+    x_flat, reference = x_BCDHW.flatten(1), reference_BCDHW.flatten(1)
+    standardized = (x_BCDHW - x_flat.mean(dim=1).view(shape)) / x_flat.std(dim=1).clamp(min=1e-6).view(shape)
+    return standardized * reference.std(dim=1).view(shape) + reference.mean(dim=1).view(shape)
+
+
 def random_gamma(x_BCDHW: torch.Tensor, generator: torch.Generator, max_log_gamma: float) -> torch.Tensor:
     """Contrast change: rescale each sample to [0, 1], raise to gamma = exp(U(-m, m)), restore its mean and std."""
     if max_log_gamma <= 0:
@@ -85,10 +93,7 @@ def random_gamma(x_BCDHW: torch.Tensor, generator: torch.Generator, max_log_gamm
     low, high = flat.min(dim=1).values.view(shape), flat.max(dim=1).values.view(shape)
     unit = (x_BCDHW - low) / (high - low).clamp(min=1e-6)
     gamma = torch.exp(_uniform(generator, -max_log_gamma, max_log_gamma, (x_BCDHW.shape[0], 1, 1, 1, 1)))
-    out = unit**gamma
-    out_flat = out.flatten(1)
-    standardized = (out - out_flat.mean(dim=1).view(shape)) / out_flat.std(dim=1).clamp(min=1e-6).view(shape)
-    return standardized * flat.std(dim=1).view(shape) + flat.mean(dim=1).view(shape)
+    return _match_moments(unit**gamma, x_BCDHW)
 
 
 def random_bias_field(x_BCDHW: torch.Tensor, generator: torch.Generator, max_strength: float) -> torch.Tensor:
@@ -102,10 +107,7 @@ def random_bias_field(x_BCDHW: torch.Tensor, generator: torch.Generator, max_str
     flat = x_BCDHW.flatten(1)
     strength = _uniform(generator, 0.0, max_strength, (batch,)).view(shape)
     field = smooth_log_field(x_BCDHW.shape[2:], batch, generator, x_BCDHW.device)
-    out = (x_BCDHW - flat.min(dim=1).values.view(shape)) * torch.exp(strength * field)
-    out_flat = out.flatten(1)
-    standardized = (out - out_flat.mean(dim=1).view(shape)) / out_flat.std(dim=1).clamp(min=1e-6).view(shape)
-    return standardized * flat.std(dim=1).view(shape) + flat.mean(dim=1).view(shape)
+    return _match_moments((x_BCDHW - flat.min(dim=1).values.view(shape)) * torch.exp(strength * field), x_BCDHW)
 
 
 @dataclass

@@ -102,3 +102,13 @@ def test_rotation_views_labels_can_be_recovered():
     for volume, view, label in zip(volumes, out["view"], out["rotation"]):
         matches = [r for r in range(10) if torch.equal(rotate(volume, r), view)]
         assert matches == [int(label)]  # exactly one rotation explains the view
+
+
+def test_random_bias_field_keeps_moments_and_is_smooth():
+    from rafmedia.engine.views import random_bias_field
+
+    x = torch.rand(3, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4)) + 2
+    y = random_bias_field(x, torch.Generator().manual_seed(5), max_strength=0.5)
+    torch.testing.assert_close(y.flatten(1).mean(1), x.flatten(1).mean(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.flatten(1).std(1), x.flatten(1).std(1), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y, x, atol=1e-2)
