@@ -21,8 +21,8 @@ def resolve_store(path: str) -> str:
     return str(candidate)
 
 
-def _config(args: argparse.Namespace, extra: list[str] = ()) -> RafConfig:
-    return load_config(args.config, [*args.overrides, *extra])
+def _config(args: argparse.Namespace) -> RafConfig:
+    return load_config(args.config, args.overrides)
 
 
 def run_synth(args: argparse.Namespace) -> Path:
@@ -40,8 +40,8 @@ def run_synth(args: argparse.Namespace) -> Path:
 def run_pretrain(args: argparse.Namespace) -> Path:
     from rafmedia.engine.pretrain import pretrain_encoder
 
-    extra = [f"data.cohort={args.cohort}"] if args.cohort else []
-    config = _config(args, extra)
+    config = _config(args)
+    config.data.cohort = args.cohort or config.data.cohort  # a flag, not an override: paths need no YAML quoting
     if not config.data.cohort:
         raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
     config.data.cohort = resolve_store(config.data.cohort)
@@ -57,8 +57,8 @@ def run_evaluate(args: argparse.Namespace) -> Path:
     from rafmedia.evaluate.report import REPORT_JSON, render_report
     from rafmedia.evaluate.runner import run_evaluation
 
-    extra = [f"evaluate.cohort={args.cohort}"] if args.cohort else []
-    config = _config(args, extra)
+    config = _config(args)
+    config.evaluate.cohort = args.cohort or config.evaluate.cohort
     if args.encoder:
         config.evaluate.encoders = list(args.encoder)
     if config.evaluate.cohort:
@@ -89,7 +89,10 @@ def run_quickstart(args: argparse.Namespace) -> Path:
     weights = run_pretrain(argparse.Namespace(**common, out=str(out / "pretrain"), cohort=str(out / COHORT_STORE)))
     html = run_evaluate(argparse.Namespace(**common, out=str(out / "evaluate"), cohort=str(out / COHORT_STORE),
                                            encoder=[str(weights)]))
-    write_resolved(_config(argparse.Namespace(**common)), out, ["cohort", "store", "encoder", "task", "train", "evaluate"])
+    config = _config(argparse.Namespace(**common))
+    config.data.cohort = config.evaluate.cohort = str(out / COHORT_STORE)
+    config.evaluate.encoders = [str(weights)]
+    write_resolved(config, out, ["cohort", "store", "data", "encoder", "task", "train", "evaluate"])
     print(f"\nquickstart finished. Open the report:\n  {html.resolve()}")
     return html
 
