@@ -237,7 +237,11 @@ def _write_one(store_path: str, subject: dict[str, Any], config: CohortConfig) -
 
 def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str | Path,
                     progress: bool = True, overwrite: bool = False) -> CohortStore:
-    """Generates the cohort into a new (or resumed) store at `out`; writes manifest.csv and planted.json."""
+    """Generates the cohort into a new (or resumed) store at `out`; writes manifest.csv and planted.json.
+
+    With `config.workers > 1` subjects are rendered in spawned processes, so a script calling this must guard
+    its entry point with `if __name__ == "__main__":` (as for any spawned multiprocessing).
+    """
     from tqdm.auto import tqdm
 
     config.validate()
