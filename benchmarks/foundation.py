@@ -135,7 +135,7 @@ def main() -> None:
         rows = patch_benchmarks(folder, store, args.subjects, args.patches)
     ours = rows[0][1]
     print(f"\nRandom {PATCH}^3 patch from a {SHAPE} float32 volume ({args.patches} patches)")
-    print(f"| reader | ms / patch | patches / s | ours speed-up |\n|---|---|---|---|")
+    print("| reader | ms / patch | patches / s | ours speed-up |\n|---|---|---|---|")
     for name, seconds in rows:
         print(f"| {name} | {seconds * 1e3:.1f} | {1 / seconds:.0f} | {seconds / ours:.1f}x |")
     ours_steps, raw_steps = training_benchmark(args.steps)

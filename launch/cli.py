@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.registry import did_you_mean

@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from rafmedia.engine.errors import UserError
-from rafmedia.launch.config import RafConfig, load_config, packaged_configs, write_resolved
+from rafmedia.launch.config import RafConfig, load_config, write_resolved
 
 COHORT_STORE = "cohort.zarr"
 

@@ -1,5 +1,3 @@
-import itertools
-
 import torch
 
 from rafmedia.engine.torchvision_compat import import_timm, import_torchvision, nms_reference
@@ -54,4 +52,4 @@ def test_batched_nms_keeps_boxes_of_different_classes_apart():
     boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10.0]])
     kept = torchvision.ops.batched_nms(boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.5)
     assert sorted(kept.tolist()) == [0, 1]
-    assert list(itertools.chain(torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist())) == [0]
+    assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]  # same class: one survives

@@ -1,5 +1,4 @@
 """Alterations: the measured physical effect equals the requested parameter; deterministic; graded."""
-import numpy as np
 import pytest
 import torch
 
