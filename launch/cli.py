@@ -49,6 +49,10 @@ EXAMPLES = {
   raf evaluate --cohort runs/synth --encoder runs/pretrain/encoder.safetensors --out runs/eval
   raf evaluate --cohort runs/synth --encoder a.safetensors --encoder b.safetensors evaluate.seeds=[0,1,2,3,4]
   raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site]""",
+    "shards export": """examples:
+  raf shards export --cohort runs/synth --out runs/wds                       # whole volumes, 512 MB shards
+  raf shards export --cohort runs/synth --out runs/wds-patches export.mode=patches export.patch_size=48 \\
+      export.patches_per_subject=16 export.shard_size_mb=256""",
     "quickstart": """examples:
   raf quickstart                          # about 3 minutes on 2 CPU cores, into runs/quickstart
   raf quickstart --config tiny --out runs/tiny   # the same pipeline in seconds""",
@@ -108,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and print the path of the report. About 3 minutes on 2 CPU cores; "
                                      "`--config tiny` takes seconds.", epilog=EXAMPLES["quickstart"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(quickstart, "runs/quickstart")
+
+    shards = commands.add_parser("shards", help="data-layer tools: export a cohort store to webdataset shards",
+                                 description="Data-layer tools on a cohort store.")
+    shard_commands = shards.add_subparsers(dest="shards_command", metavar="SHARDS_COMMAND", parser_class=RafArgumentParser,
+                                           required=True)
+    export = shard_commands.add_parser("export", help="write webdataset tar shards (volumes or patches)",
+                                       description="Write the cohort as webdataset tar shards into OUT (a new folder): "
+                                       "image.npy (C,D,H,W), label.npy and json per sample, shards rolled at "
+                                       "export.shard_size_mb, listed in OUT/index.json. Readable by `tar` and by "
+                                       "webdataset.WebDataset(urls).decode().",
+                                       epilog=EXAMPLES["shards export"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(export, "runs/shards")
+    export.add_argument("--cohort", metavar="STORE", required=True, help="cohort store (or a folder holding cohort.zarr)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
     listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
     listing.add_argument("what", choices=sorted(LISTINGS))

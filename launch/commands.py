@@ -97,6 +97,22 @@ def run_quickstart(args: argparse.Namespace) -> Path:
     return html
 
 
+def run_shards(args: argparse.Namespace) -> Path:
+    return globals()[f"run_shards_{args.shards_command}"](args)
+
+
+def run_shards_export(args: argparse.Namespace) -> Path:
+    from rafmedia.shards.store import CohortStore
+    from rafmedia.shards.wds_export import export_webdataset
+
+    config = _config(args)
+    store = CohortStore(resolve_store(args.cohort))
+    index = export_webdataset(store, args.out, config=config.export, overwrite=args.overwrite, progress=not args.quiet)
+    write_resolved(config, args.out, ["export"])
+    print(f"shards: {index.parent} (index: {index})")
+    return index
+
+
 LISTINGS = {
     "configs": "rafmedia.launch.config:packaged_configs",
     "encoders": "rafmedia.engine.encoders:list_encoders",

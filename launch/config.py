@@ -25,6 +25,7 @@ from rafmedia.evaluate.runner import EvaluateConfig
 from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.stream import DataConfig
 from rafmedia.shards.synth import CohortConfig
+from rafmedia.shards.wds_export import ExportConfig
 
 DEFAULT_CONFIG = "default"
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -41,6 +42,7 @@ class RafConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def packaged_configs() -> list[str]:

@@ -32,9 +32,9 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_pa
     assert message in lines[0]
 
 
-@pytest.mark.parametrize("command", ["synth", "pretrain", "evaluate", "report", "quickstart", "list"])
+@pytest.mark.parametrize("command", ["synth", "pretrain", "evaluate", "report", "quickstart", "list", "shards export"])
 def test_every_subcommand_has_help(command):
-    result = raf(command, "--help")
+    result = raf(*command.split(), "--help")
     assert result.returncode == 0 and "usage: raf " + command in result.stdout
 
 
