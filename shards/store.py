@@ -90,7 +90,7 @@ class CohortStore:
             shapes[LABEL] = label.shape
         if len(set(shapes.values())) != 1 or any(len(shape) != 3 for shape in shapes.values()):
             raise UserError(f"subject {subject_id}: every channel and the label must be 3D and of one shape, got {shapes}")
-        root_attrs = zarr.open_group(str(self.path), mode="r").attrs
+        root_attrs = self.attrs()
         chunk, level = int(root_attrs["chunk_size"]), int(root_attrs["compression_level"])
 
         staging = self.path / STAGING / f"{subject_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"

@@ -19,7 +19,7 @@ import numpy as np
 
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import write_json
-from rafmedia.shards.store import CohortStore
+from rafmedia.shards.store import MANIFEST, CohortStore
 
 INDEX = "index.json"
 MODES = ("volumes", "patches")
@@ -90,7 +90,7 @@ def export_webdataset(store: CohortStore, out: str | Path, *, config: ExportConf
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     staging = out.with_name(f".{out.name}.staging.{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
-    rows = {row["subject_id"]: row for row in store.read_manifest()} if (store.path / "manifest.csv").is_file() else {}
+    rows = {row["subject_id"]: row for row in store.read_manifest()} if (store.path / MANIFEST).is_file() else {}
     limit = int(config.shard_size_mb * 1024 * 1024)
     shards: list[dict[str, Any]] = []
     writer = handle = None
@@ -98,8 +98,7 @@ def export_webdataset(store: CohortStore, out: str | Path, *, config: ExportConf
         for index, subject_id in enumerate(tqdm(store.subject_ids(), desc="export", unit="subject", disable=not progress)):
             for sample in _subject_samples(store, subject_id, index, rows.get(subject_id, {}), config):
                 if writer is not None and handle.tell() + _encoded_size(sample) > limit:
-                    _close(writer, handle)
-                    shards[-1]["bytes"] = os.path.getsize(staging / shards[-1]["name"])
+                    _close_shard(writer, handle, shards[-1])
                     writer = None
                 if writer is None:
                     name = f"shard-{len(shards):06d}.tar"
@@ -110,8 +109,7 @@ def export_webdataset(store: CohortStore, out: str | Path, *, config: ExportConf
                 shards[-1]["num_samples"] += 1
                 shards[-1]["last_key"] = sample["__key__"]
         if writer is not None:
-            _close(writer, handle)
-            shards[-1]["bytes"] = os.path.getsize(staging / shards[-1]["name"])
+            _close_shard(writer, handle, shards[-1])
         write_json(staging / INDEX, {"format": "rafmedia.webdataset/1", "source": str(store.path),
                                      "config": asdict(config), "num_samples": sum(s["num_samples"] for s in shards),
                                      "shards": shards})
@@ -125,10 +123,11 @@ def export_webdataset(store: CohortStore, out: str | Path, *, config: ExportConf
     return out / INDEX
 
 
-def _close(writer, handle) -> None:
-    writer.close()  # ends the tar stream; the file object is ours to close
-    if not handle.closed:
-        handle.close()
+def _close_shard(writer, handle, shard: dict[str, Any]) -> None:
+    """Ends the tar stream, closes the file (ours, not the writer's) and records the shard's size."""
+    writer.close()
+    shard["bytes"] = handle.tell()
+    handle.close()
 
 
 def shard_urls(folder: str | Path) -> list[str]:
