@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import atomic_write_text
@@ -51,9 +51,14 @@ class StoreConfig:
 
 def _codecs(dtype: np.dtype, level: int):
     # Blosc with bit-shuffle packs integer label maps well; plain Zstd is the better trade-off for floats.
+    # A CRC32C checksum on every chunk turns a chunk corrupted on disk into an error instead of silent garbage.
     if np.issubdtype(dtype, np.integer):
-        return [BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")]
-    return [ZstdCodec(level=level)]
+        return [BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
+    return [ZstdCodec(level=level), Crc32cCodec()]
+
+
+class CorruptChunkError(UserError):
+    """A chunk on disk fails its checksum or does not decode."""
 
 
 class CohortStore:
@@ -150,7 +155,14 @@ class CohortStore:
     def read(self, subject_id: str, channel: str = "image", region: tuple[slice, ...] | None = None) -> np.ndarray:
         """Reads a channel (or `region` of it, touching only the chunks it overlaps) as a (D, H, W) array."""
         array = self._array(subject_id, channel)
-        return array[region if region is not None else ...]
+        try:
+            return array[region if region is not None else ...]
+        except (ValueError, RuntimeError, OSError) as error:  # checksum mismatch, codec failure, truncated file
+            where = "" if region is None else f" region {_format_region(region)}"
+            raise CorruptChunkError(
+                f"subject '{subject_id}' channel '{channel}'{where} in {self.path}: a chunk on disk is corrupt "
+                f"({error}); delete {self.path / SUBJECTS / subject_id} and re-run the ingest (or synth) to "
+                "rewrite it") from error
 
     def read_label(self, subject_id: str, region: tuple[slice, ...] | None = None) -> np.ndarray:
         return self.read(subject_id, LABEL, region)
@@ -183,6 +195,10 @@ class CohortStore:
 
     def __getstate__(self):
         return {"path": self.path, "_arrays": {}}
+
+
+def _format_region(region: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{r.start or 0}:{'' if r.stop is None else r.stop}" for r in region) + "]"
 
 
 def _parse_cell(value: str) -> Any:

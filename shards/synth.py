@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import write_json
+from rafmedia.shards.manifest import summary_row
 from rafmedia.shards.store import CohortStore, StoreConfig
 
 LABELS = {"background": 0, "body": 1, "heart": 2, "liver": 3, "kidney": 4, "lesion": 5}
@@ -230,9 +231,7 @@ def _write_one(store_path: str, subject: dict[str, Any], config: CohortConfig) -
         "metadata": metadata, "spacing": [VOXEL_SPACING_MM] * 3, "origin": [0.0] * 3,
         "direction": np.eye(3).ravel().tolist(), "provenance": {"source": "rafmedia.shards.synth", "seed": config.seed},
         "truth": {**truth, "enlargement": subject["enlargement"]}})
-    return {"subject_id": subject["subject_id"], **metadata, "enlargement": subject["enlargement"],
-            "lesions": len(truth["lesions"]), "mean_intensity": round(float(image.mean()), 5),
-            "std_intensity": round(float(image.std()), 5), "shape": "x".join(map(str, image.shape))}
+    return _manifest_row(subject, metadata, image, label, len(truth["lesions"]))
 
 
 def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str | Path,
@@ -306,11 +305,17 @@ def single_threaded_children():
 
 
 def _row_from_store(store: CohortStore, subject: dict[str, Any]) -> dict[str, Any]:
-    attrs = store.subject_attrs(subject["subject_id"])
-    image = store.read(subject["subject_id"])
-    return {"subject_id": subject["subject_id"], **attrs["metadata"], "enlargement": subject["enlargement"],
-            "lesions": len(attrs["truth"]["lesions"]), "mean_intensity": round(float(image.mean()), 5),
-            "std_intensity": round(float(image.std()), 5), "shape": "x".join(map(str, image.shape))}
+    subject_id = subject["subject_id"]
+    attrs = store.subject_attrs(subject_id)
+    return _manifest_row(subject, attrs["metadata"], store.read(subject_id), store.read_label(subject_id),
+                         len(attrs["truth"]["lesions"]))
+
+
+def _manifest_row(subject: dict[str, Any], metadata: dict[str, Any], image: np.ndarray, label: np.ndarray,
+                  num_lesions: int) -> dict[str, Any]:
+    truth = {"enlargement": subject["enlargement"], "lesions": num_lesions}
+    return summary_row(subject["subject_id"], metadata={**metadata, **truth}, channels={"image": image}, label=label,
+                       spacing=[VOXEL_SPACING_MM] * 3)
 
 
 def planted_truth(config: CohortConfig, manifest: list[dict[str, Any]]) -> dict[str, Any]:

@@ -79,3 +79,22 @@ def test_errors_name_what_is_wrong(tmp_path):
         store.read("sub-1", "pet")
     with pytest.raises(UserError, match="subject 'sub-9' is not in"):
         store.read("sub-9")
+
+
+def test_a_chunk_corrupted_on_disk_is_detected_on_read_and_names_the_subject(tmp_path):
+    from rafmedia.shards.store import CorruptChunkError
+
+    store = _store(tmp_path)
+    image = np.random.default_rng(1).normal(size=(32, 32, 32)).astype(np.float32)
+    store.write_subject("sub-7", channels={"image": image}, label=None, attrs={})
+    chunk_files = sorted((tmp_path / "s.zarr" / "subjects" / "sub-7" / "image" / "c").rglob("*"))
+    chunk_files = [path for path in chunk_files if path.is_file()]
+    assert len(chunk_files) == 8  # 32^3 in 16^3 chunks
+    corrupt = chunk_files[-1]  # chunk (1, 1, 1)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, as a failing disk would leave
+    corrupt.write_bytes(bytes(data))
+    fresh = CohortStore(tmp_path / "s.zarr")
+    assert np.array_equal(fresh.read("sub-7", region=(slice(0, 16),) * 3), image[:16, :16, :16])  # other chunks fine
+    with pytest.raises(CorruptChunkError, match=r"subject 'sub-7' channel 'image' region \[8:24, 8:24, 8:24\].*corrupt"):
+        fresh.read("sub-7", region=(slice(8, 24),) * 3)
