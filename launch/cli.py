@@ -53,6 +53,28 @@ EXAMPLES = {
   raf shards export --cohort runs/synth --out runs/wds                       # whole volumes, 512 MB shards
   raf shards export --cohort runs/synth --out runs/wds-patches export.mode=patches export.patch_size=48 \\
       export.patches_per_subject=16 export.shard_size_mb=256""",
+    "shards ingest": """examples:
+  raf shards ingest --input data/scans/ --out runs/ingest          # a folder of .nii.gz/.nrrd/.mha or DICOM folders
+  raf shards ingest --input subjects.csv --out runs/ct --require sex,age ingest.spacing=[1.5,1.5,2.0] \\
+      'ingest.intensity.ct={name: ct_window, low: -1000, high: 400}'
+  raf shards ingest --input bids_root/ --out runs/mr --workers 8 --skip-bad    # BIDS-like, with participants.tsv
+  raf shards ingest --input subjects.csv --out runs/big --task-index 3 --num-tasks 16   # one of 16 array tasks
+      (under SLURM --array the task defaults come from SLURM_ARRAY_TASK_ID/COUNT; then: raf shards consolidate)
+  Listing columns: subject_id, image or image:<channel> (image:t1, image:t2, ...), optional label, metadata.
+  Re-running skips finished subjects. Exit code 1 when some subjects were bad (see OUT/cohort.zarr/ingest_report.md).""",
+    "shards consolidate": """examples:
+  raf shards consolidate runs/big           # after all --num-tasks N array tasks finished (sbatch --dependency=afterany)
+  raf shards consolidate runs/big/cohort.zarr --num-tasks 16 --skip-bad""",
+    "shards datasheet": """examples:
+  raf shards datasheet runs/synth                          # -> runs/synth/cohort.zarr/datasheet/datasheet.{md,html,json}
+  raf shards datasheet runs/synth --attributes site,sex --rare-below 0.1 --out runs/datasheet
+  raf shards datasheet runs/cohorts/v1/splits/public_test.csv   # a split from `raf cohort build` (alterations applied)""",
+    "cohort build": """examples:
+  raf synth --out runs/synth && raf cohort build example --out runs/cohorts/example   # the packaged example spec
+  raf cohort build my_cohort.yaml --out runs/cohorts/v1
+  raf cohort build my_cohort.yaml --out runs/cohorts/v1 --overwrite --no-datasheets
+  (spec keys: name, seed, sources, select, splits, stratify, group_by, out_of_distribution, challenging, imbalance;
+   see configs/cohorts/example.yaml)""",
     "quickstart": """examples:
   raf quickstart                          # about 3 minutes on 2 CPU cores, into runs/quickstart
   raf quickstart --config tiny --out runs/tiny   # the same pipeline in seconds""",
@@ -113,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`--config tiny` takes seconds.", epilog=EXAMPLES["quickstart"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(quickstart, "runs/quickstart")
 
-    shards = commands.add_parser("shards", help="data-layer tools: export a cohort store to webdataset shards",
+    shards = commands.add_parser("shards", help="data-layer tools: ingest image files, export webdataset shards, ...",
                                  description="Data-layer tools on a cohort store.")
     shard_commands = shards.add_subparsers(dest="shards_command", metavar="SHARDS_COMMAND", parser_class=RafArgumentParser,
                                            required=True)
@@ -126,6 +148,68 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(export, "runs/shards")
     export.add_argument("--cohort", metavar="STORE", required=True, help="cohort store (or a folder holding cohort.zarr)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    ingest = shard_commands.add_parser(
+        "ingest", help="ingest NIfTI / NRRD / MHA / DICOM files into a cohort store",
+        description="Read a folder of images, a CSV/TSV listing or a BIDS-like layout (participants.tsv) into "
+        "OUT/cohort.zarr: reoriented (ingest.orientation), resampled (ingest.spacing), intensity policy per channel "
+        "(ingest.intensity), optional foreground crop, every step recorded in the subject's provenance. Bad subjects "
+        "are listed with their reason in OUT/cohort.zarr/ingest_report.md; the good ones are ingested.",
+        epilog=EXAMPLES["shards ingest"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(ingest, "runs/ingest")
+    ingest.add_argument("--input", metavar="PATH", required=True,
+                        help="CSV/TSV listing, BIDS-like folder with participants.tsv, or folder of images")
+    ingest.add_argument("--workers", type=int, metavar="N", help="worker processes (sets ingest.workers)")
+    ingest.add_argument("--require", metavar="A,B", help="metadata columns every subject needs (sets ingest.require)")
+    ingest.add_argument("--skip-bad", action="store_true", help="exit 0 even when some subjects were bad")
+    ingest.add_argument("--task-index", type=int, metavar="I", help="this array task (default: $SLURM_ARRAY_TASK_ID)")
+    ingest.add_argument("--num-tasks", type=int, metavar="N", help="array tasks (default: $SLURM_ARRAY_TASK_COUNT)")
+    ingest.add_argument("--overwrite", action="store_true", help="delete an existing store first")
+    consolidate = shard_commands.add_parser(
+        "consolidate", help="merge the reports of ingest array tasks; write manifest.csv",
+        description="After every `raf shards ingest --num-tasks N` task has finished: merge their reports into "
+        "STORE/manifest.csv, STORE/ingest_report.json and STORE/ingest_report.md, and remove staging leftovers.",
+        epilog=EXAMPLES["shards consolidate"], formatter_class=formatter)
+    consolidate.add_argument("store", metavar="STORE", help="cohort store (or a folder holding cohort.zarr)")
+    consolidate.add_argument("--num-tasks", type=int, metavar="N", help="consolidate the run with N tasks "
+                             "(default: the newest complete one)")
+    consolidate.add_argument("--skip-bad", action="store_true", help="exit 0 even when some subjects were bad")
+    datasheet = shard_commands.add_parser(
+        "datasheet", help="describe a cohort: subgroups, rare categories, missing metadata, quality, intensities",
+        description="Write the datasheet of a cohort store (or of a split manifest CSV from `raf cohort build`): "
+        "counts per subgroup and per intersection, rare categories flagged by name, missing metadata, quality-flag "
+        "prevalence, shape/spacing histograms and voxel-intensity histograms per site (from a strided sample of each "
+        "subject). Writes datasheet.md, datasheet.html (figures embedded) and datasheet.json (every number).",
+        epilog=EXAMPLES["shards datasheet"], formatter_class=formatter)
+    datasheet.add_argument("source", metavar="STORE", help="cohort store, folder holding cohort.zarr, or split CSV")
+    datasheet.add_argument("--out", metavar="DIR", help="output folder (default: STORE/datasheet/; for a split CSV, "
+                           "datasheet-<split>/ next to it)")
+    datasheet.add_argument("--attributes", metavar="A,B,...", help="attributes to count by (default: every "
+                           "categorical metadata column)")
+    datasheet.add_argument("--rare-below", type=float, default=0.05, metavar="FRACTION",
+                           help="flag categories with a smaller share of subjects as rare (default: 0.05)")
+    datasheet.add_argument("--channel", default="image", help="channel for the intensity histograms (default: image)")
+    datasheet.add_argument("--intensity-by", metavar="COLUMN", help="one intensity histogram per value of this "
+                           "column (default: site when the manifest has it, else one for all subjects)")
+    datasheet.add_argument("--stride", type=int, default=4, help="read every Nth voxel along each axis (default: 4)")
+    datasheet.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    cohort = commands.add_parser("cohort", help="build train / public-test / hidden-test splits from a YAML spec",
+                                 description="Cohort builder: aggregate stores, select, split by subject (or group), "
+                                 "plant held-out sites, challenging cases and imbalance.")
+    cohort_commands = cohort.add_subparsers(dest="cohort_command", metavar="COHORT_COMMAND", parser_class=RafArgumentParser,
+                                            required=True)
+    cohort_build = cohort_commands.add_parser(
+        "build", help="build split manifests, cohort.json and a datasheet per split",
+        description="Build the cohort described by SPEC (a YAML path, or a packaged spec such as 'example') into OUT: "
+        "splits/<split>.csv (one row per subject, with ood flag and planted alteration), cohort.json (resolved spec, "
+        "realised counts and planted proportions), excluded.csv, resolved_spec.yaml and datasheets/<split>/. "
+        "Deterministic for the spec's seed; a subject (or group_by group) never appears in two splits.",
+        epilog=EXAMPLES["cohort build"], formatter_class=formatter)
+    cohort_build.add_argument("spec", metavar="SPEC", help="cohort spec YAML (or a packaged name: example)")
+    cohort_build.add_argument("--out", metavar="DIR", help="output folder (default: runs/cohorts/<spec name>)")
+    cohort_build.add_argument("--overwrite", action="store_true", help="replace an existing build of a different spec")
+    cohort_build.add_argument("--no-datasheets", action="store_true", help="skip the per-split datasheets (faster)")
+    cohort_build.add_argument("--quiet", action="store_true", help="no progress bars")
 
     listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
     listing.add_argument("what", choices=sorted(LISTINGS))
@@ -147,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as error:
         print(f"raf: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)  # 1: partly done (e.g. bad subjects in an ingest), see the message
     except KeyboardInterrupt:
         print("raf: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
         return 130

@@ -113,12 +113,81 @@ def run_shards_export(args: argparse.Namespace) -> Path:
     return index
 
 
+def run_shards_ingest(args: argparse.Namespace) -> Path:
+    from rafmedia.shards.ingest import bad_subjects_error, format_summary, ingest, resolve_task
+
+    config = _config(args)
+    if args.workers is not None:
+        config.ingest.workers = args.workers
+    if args.require:
+        config.ingest.require = [column.strip() for column in args.require.split(",") if column.strip()]
+    task_index, num_tasks = resolve_task(args.task_index, args.num_tasks)
+    out = Path(args.out)
+    summary = ingest(args.input, out / COHORT_STORE, config=config.ingest, store_config=config.store,
+                     task_index=task_index, num_tasks=num_tasks, overwrite=args.overwrite, progress=not args.quiet,
+                     log=print)
+    write_resolved(config, out, ["ingest", "store"])
+    print(format_summary(summary))
+    if summary.bad and not args.skip_bad:
+        raise bad_subjects_error(len(summary.bad), len(summary.outcomes), summary.report or summary.task_report)
+    return summary.store
+
+
+def run_shards_consolidate(args: argparse.Namespace) -> Path:
+    from rafmedia.shards.ingest import bad_subjects_error, consolidate, format_consolidated
+
+    result = consolidate(resolve_store(args.store), num_tasks=args.num_tasks)
+    print(format_consolidated(result))
+    if result["bad"] and not args.skip_bad:
+        raise bad_subjects_error(len(result["bad"]), result["num_outcomes"], result["report"])
+    return result["report"]
+
+
+def run_shards_datasheet(args: argparse.Namespace) -> Path:
+    from rafmedia.shards.datasheet import DatasheetConfig, load_manifest, write_datasheet
+
+    attributes = [a.strip() for a in args.attributes.split(",") if a.strip()] if args.attributes else None
+    config = DatasheetConfig(attributes=attributes, rare_below=args.rare_below, channel=args.channel,
+                             intensity_by=args.intensity_by, stride=args.stride)
+    config.validate()
+    rows, read_sample, title, default_out = load_manifest(args.source, channel=config.channel, stride=config.stride)
+    html = write_datasheet(rows, out=args.out or default_out, config=config, title=title, read_sample=read_sample,
+                           progress=not args.quiet)
+    print(f"datasheet: {html.parent} (datasheet.md, datasheet.html, datasheet.json; {len(rows)} subjects)")
+    return html
+
+
+def run_cohort(args: argparse.Namespace) -> Path:
+    return globals()[f"run_cohort_{args.cohort_command}"](args)
+
+
+def run_cohort_build(args: argparse.Namespace) -> Path:
+    from rafmedia.engine.files import read_json
+    from rafmedia.shards.cohort import build_cohort
+    from rafmedia.shards.cohort_spec import load_spec
+
+    spec = load_spec(args.spec)
+    try:
+        out = build_cohort(spec, out=args.out or Path("runs/cohorts") / spec.name, overwrite=args.overwrite,
+                           datasheets=not args.no_datasheets, progress=not args.quiet)
+    except UserError as error:  # a spec key that the data contradicts: name the spec file too
+        if str(error).startswith("key '"):
+            raise UserError(f"cohort spec '{args.spec}': {error}") from None
+        raise
+    summary = read_json(out / "cohort.json")
+    counts = ", ".join(f"{name} {s['num_subjects']} ({s['num_ood']} OOD, {s['num_altered']} altered)"
+                       for name, s in summary["splits"].items())
+    print(f"cohort: {out} ({counts}; excluded: {sum(summary['excluded'].values())})")
+    return out
+
+
 LISTINGS = {
     "configs": "rafmedia.launch.config:packaged_configs",
     "encoders": "rafmedia.engine.encoders:list_encoders",
     "tasks": "rafmedia.engine.tasks:list_tasks",
     "alterations": "rafmedia.shards.alterations:list_alterations",
     "probes": "rafmedia.evaluate.probes:list_probes",
+    "intensity-policies": "rafmedia.shards.preprocess:list_intensity_policies",
 }
 
 

@@ -22,6 +22,7 @@ from rafmedia.engine.registry import did_you_mean
 from rafmedia.engine.tasks import TaskConfig
 from rafmedia.engine.train import TrainConfig
 from rafmedia.evaluate.runner import EvaluateConfig
+from rafmedia.shards.ingest import IngestConfig
 from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.stream import DataConfig
 from rafmedia.shards.synth import CohortConfig
@@ -43,6 +44,7 @@ class RafConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
 
 
 def packaged_configs() -> list[str]:
