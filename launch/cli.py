@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`--config tiny` takes seconds.", epilog=EXAMPLES["quickstart"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(quickstart, "runs/quickstart")
 
-    shards = commands.add_parser("shards", help="data-layer tools: ingest image files, export webdataset shards, ...",
-                                 description="Data-layer tools on a cohort store.")
+    shards = commands.add_parser("shards", help="data layer: ingest, consolidate, datasheet, export",
+                                 description="Data-layer tools: ingest image files into a cohort store (and "
+                                 "consolidate an ingest split over array tasks), describe a store in a datasheet, "
+                                 "export it to webdataset shards.")
     shard_commands = shards.add_subparsers(dest="shards_command", metavar="SHARDS_COMMAND", parser_class=RafArgumentParser,
                                            required=True)
     export = shard_commands.add_parser("export", help="write webdataset tar shards (volumes or patches)",
