@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import atomic_write_text
@@ -50,11 +50,13 @@ class StoreConfig:
 
 
 def _codecs(dtype: np.dtype, level: int):
-    # Blosc with bit-shuffle packs integer label maps well; plain Zstd is the better trade-off for floats.
+    # Blosc with bit-shuffle packs integer label maps well. For float images Blosc-LZ4 with bit-shuffle both
+    # compressed better and decoded 2.5-3.5x faster than plain Zstd on synthetic and real MR chunks (1.14-1.98x vs
+    # 1.07-1.66x; 2.4-3.2 GB/s vs 0.9-1.0 GB/s on one core), and decoding is what bounds random-patch streaming.
     # A CRC32C checksum on every chunk turns a chunk corrupted on disk into an error instead of silent garbage.
     if np.issubdtype(dtype, np.integer):
         return [BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
-    return [ZstdCodec(level=level), Crc32cCodec()]
+    return [BloscCodec(cname="lz4", clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
 
 
 class CorruptChunkError(UserError):

@@ -32,10 +32,31 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_pa
     assert message in lines[0]
 
 
-@pytest.mark.parametrize("command", ["synth", "pretrain", "evaluate", "report", "quickstart", "list", "shards export"])
-def test_every_subcommand_has_help(command):
-    result = raf(*command.split(), "--help")
-    assert result.returncode == 0 and "usage: raf " + command in result.stdout
+def _leaf_commands(parser=None, prefix=()):
+    """Every runnable `raf` command, read from the parser itself so a new command cannot be forgotten."""
+    import argparse
+
+    from rafmedia.launch.cli import build_parser
+
+    parser = parser or build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        return [" ".join(prefix)]
+    return [leaf for name, sub in subparsers[0].choices.items() for leaf in _leaf_commands(sub, prefix + (name,))]
+
+
+def test_every_subcommand_has_help_with_examples(capsys):
+    from rafmedia.launch.cli import main
+
+    commands = _leaf_commands()
+    assert {"synth", "shards ingest", "shards consolidate", "shards datasheet", "cohort build"} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main(command.split() + ["--help"])
+        text = capsys.readouterr().out
+        assert exit_info.value.code == 0 and text.startswith("usage: raf " + command), command
+        if command not in ("list", "report"):
+            assert "examples:" in text, f"`raf {command} --help` has no examples"
 
 
 def test_tiny_quickstart_end_to_end(tmp_path):
