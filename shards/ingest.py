@@ -38,6 +38,7 @@ from rafmedia.shards.manifest import summary_row
 from rafmedia.shards.store import STAGING, CohortStore, StoreConfig
 
 TASKS_FOLDER = "ingest_tasks"
+SUMMARY = "summary"  # subject attribute holding the subject's manifest row
 REPORT_JSON, REPORT_MD = "ingest_report.json", "ingest_report.md"
 
 
@@ -158,9 +159,10 @@ def ingest_subject(store_path: str, source: SubjectSource, config: IngestConfig)
         if store.has_subject(source.subject_id):
             return {**outcome, "status": "skipped", "row": row_from_store(store, source.subject_id)}
         channels, label, attrs = prepare_subject(source, config)
-        store.write_subject(source.subject_id, channels=channels, label=label, attrs=attrs)
         row = summary_row(source.subject_id, metadata=source.metadata, channels=channels, label=label,
                           spacing=attrs["spacing"])
+        # Kept with the subject, so a resumed run or a consolidation never re-reads the volumes for its row.
+        store.write_subject(source.subject_id, channels=channels, label=label, attrs={**attrs, SUMMARY: row})
         return {**outcome, "status": "ingested", "row": row}
     except UserError as error:
         return {**outcome, "status": "bad", "reason": str(error)}
@@ -172,6 +174,8 @@ def ingest_subject(store_path: str, source: SubjectSource, config: IngestConfig)
 def row_from_store(store: CohortStore, subject_id: str) -> dict[str, Any]:
     """The manifest row of a finished subject, from the store (for resumed runs)."""
     attrs = store.subject_attrs(subject_id)
+    if SUMMARY in attrs:
+        return attrs[SUMMARY]
     channels = {name: store.read(subject_id, name) for name in attrs["channels"]}
     label = store.read_label(subject_id) if attrs.get("has_label") else None
     return summary_row(subject_id, metadata=attrs.get("metadata", {}), channels=channels, label=label,
