@@ -54,3 +54,14 @@ def test_severity_table_and_errors():
         create_alteration("gausian_noise")
     with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
         create_alteration("bias_field")(torch.zeros(4, 4, 4))
+
+
+def test_intensity_alterations_pass_labels_through_and_check_their_shape():
+    x = torch.randn(2, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    label = (x > 0).to(torch.uint8)
+    alteration = create_alteration("gaussian_noise", severity=2)
+    altered, same_label = alteration(x, torch.Generator().manual_seed(3), label=label)
+    assert torch.equal(same_label, label) and not alteration.moves_anatomy
+    assert torch.equal(altered, alteration(x, torch.Generator().manual_seed(3)))  # the label does not change the draw
+    with pytest.raises(ValueError, match="does not match"):
+        alteration(x, label=label[:, :, :-1])
