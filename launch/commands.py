@@ -181,6 +181,22 @@ def run_cohort_build(args: argparse.Namespace) -> Path:
     return out
 
 
+def run_alter(args: argparse.Namespace) -> Path:
+    return globals()[f"run_alter_{args.alter_command}"](args)
+
+
+def run_alter_preview(args: argparse.Namespace) -> Path:
+    from rafmedia.shards.alterations.preview import write_preview
+
+    names = [name.strip() for name in args.alterations.split(",") if name.strip()] if args.alterations else None
+    if args.max_size < 8:
+        raise UserError(f"--max-size must be at least 8 voxels, got {args.max_size}")
+    drawn = write_preview(args.volume, args.out, alterations=names, seed=args.seed, max_size=args.max_size)
+    print(f"preview: {drawn['path']} ({len(drawn['alterations'])} alterations x 5 severities; "
+          f"{drawn['source']}, volume {'x'.join(map(str, drawn['shape']))})")
+    return drawn["path"]
+
+
 LISTINGS = {
     "configs": "rafmedia.launch.config:packaged_configs",
     "encoders": "rafmedia.engine.encoders:list_encoders",
