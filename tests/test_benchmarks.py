@@ -35,3 +35,17 @@ def test_loader_benchmark_quick_runs(tmp_path):
     stamps = {path: path.stat().st_mtime_ns for path in loader.data_files(folder)}
     loader.prepare_data(folder, config)  # cached: nothing is rendered or rewritten
     assert {path: path.stat().st_mtime_ns for path in loader.data_files(folder)} == stamps
+
+
+def test_alteration_benchmark_quick_covers_every_alteration_and_its_peers():
+    from rafmedia.shards.alterations import list_alterations
+
+    bench = _load("alterations")
+    rows = bench.main(["--quick", "--repeats", "1"])
+    assert sorted({row.alteration for row in rows}) == list_alterations()
+    assert {row.batch for row in rows} == {1, 2}  # --quick: a single volume and a batch of 2
+    with_torchio = {row.alteration for row in rows if "TorchIO" in row.peers}
+    assert {"gaussian_noise", "bias_field", "motion", "ghosting", "kspace_spike", "anisotropic_blur", "gamma",
+            "elastic"} <= with_torchio
+    assert all(row.ours > 0 and math.isfinite(row.ours) for row in rows)
+    assert bench.geometric_mean_ratio(rows, "TorchIO") > 0 and bench.geometric_mean_ratio(rows, "MONAI") > 0

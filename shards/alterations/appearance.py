@@ -51,8 +51,9 @@ class Gamma(Alteration):
     def apply(self, x_BCDHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         gamma = self.draw_gamma(x_BCDHW.shape[0], generator, x_BCDHW.device).view(-1, 1, 1, 1, 1)
         low, span = _volume_range(x_BCDHW)
-        unit = ((x_BCDHW - low) / span).clamp(0.0, 1.0)
-        return low + span * unit**gamma
+        # in place after the first op: one temporary instead of five, which is what this memory-bound op costs
+        unit = (x_BCDHW - low).div_(span).clamp_(0.0, 1.0)
+        return unit.pow_(gamma).mul_(span).add_(low)
 
 
 @register

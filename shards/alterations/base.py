@@ -66,13 +66,15 @@ def list_alterations() -> list[str]:
 
 
 def severity_table() -> str:
-    """A Markdown table of every alteration: category, parameter and its value at each severity."""
-    header = "| alteration | category | parameter | " + " | ".join(f"s={s}" for s in range(1, NUM_SEVERITIES + 1))
-    rows = [header + " |", "|" + " --- |" * (3 + NUM_SEVERITIES)]
+    """A Markdown table of every alteration: category, what it does, its parameter and the value at each severity."""
+    header = "| alteration | category | what it does | parameter | " + " | ".join(
+        f"s={s}" for s in range(1, NUM_SEVERITIES + 1))
+    rows = [header + " |", "|" + " --- |" * (4 + NUM_SEVERITIES)]
     for name in list_alterations():
         cls = ALTERATIONS.get(name)
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).replace("|", "\\|")
         values = " | ".join(f"{value:g}" for value in cls.severity_parameters)
-        rows.append(f"| {name} | {cls.category} | {cls.parameter_name} | {values} |")
+        rows.append(f"| `{name}` | {cls.category} | {summary} | `{cls.parameter_name}` | {values} |")
     return "\n".join(rows)
 
 

@@ -44,6 +44,25 @@ def resample(x_BCDHW: torch.Tensor, label_BCDHW: torch.Tensor | None,
     return moved, moved_label.round().to(label_BCDHW.dtype)
 
 
+def affine_grid_3d(theta_N34: torch.Tensor, shape_DHW) -> torch.Tensor:
+    """`F.affine_grid(theta, (N, C, D, H, W), align_corners=False)`, built by broadcasting instead of a matmul.
+
+    The grid is affine in (x, y, z), so it is the sum of three outer products and a translation: one pass over the
+    (N, D, H, W, 3) output instead of a (D*H*W, 4) @ (4, 3) product per sample (measured on 2 x 128^3 on 2 CPU
+    cores: torch's version cost as much as the trilinear sampling that follows it).
+    """
+    depth, height, width = shape_DHW
+    batch = theta_N34.shape[0]
+
+    def centres(size: int) -> torch.Tensor:  # voxel centres in [-1, 1], align_corners=False
+        return (torch.arange(size, device=theta_N34.device, dtype=theta_N34.dtype) * 2 + 1) / size - 1
+
+    columns = theta_N34.transpose(1, 2)  # (N, 4, 3): rows are the x, y, z and translation columns of theta
+    plane = (columns[:, 3].view(batch, 1, 1, 3) + columns[:, 0].view(batch, 1, 1, 3) * centres(width).view(1, 1, -1, 1)
+             + columns[:, 1].view(batch, 1, 1, 3) * centres(height).view(1, -1, 1, 1))  # (N, H, W, 3)
+    return plane.unsqueeze(1) + columns[:, 2].view(batch, 1, 1, 1, 3) * centres(depth).view(1, -1, 1, 1, 1)
+
+
 def voxel_to_normalized(shape_DHW, device) -> torch.Tensor:
     """Diagonal (x, y, z) scale from voxel offsets about the centre to grid_sample's [-1, 1] units.
 
@@ -61,7 +80,7 @@ def affine_grid_from_voxel_matrix(matrix_B33: torch.Tensor, shape_DHW) -> torch.
     scale = voxel_to_normalized(shape_DHW, matrix_B33.device)
     theta = scale.view(1, 3, 1) * matrix_B33 / scale.view(1, 1, 3)
     theta = torch.cat([theta, torch.zeros(theta.shape[0], 3, 1, device=theta.device, dtype=theta.dtype)], dim=2)
-    return F.affine_grid(theta, [theta.shape[0], 1, *shape_DHW], align_corners=False)
+    return affine_grid_3d(theta, shape_DHW)
 
 
 def axis_angle_matrix(axis_B3: torch.Tensor, angle_B: torch.Tensor) -> torch.Tensor:

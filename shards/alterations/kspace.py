@@ -31,7 +31,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from rafmedia.shards.alterations.base import Alteration, register
+from rafmedia.shards.alterations.geometry import affine_grid_3d
 
 SPATIAL_DIMS = (-3, -2, -1)
 PHASE_DIM = -1  # the phase-encoding axis of motion and ghosting (W), as TorchIO's motion segments its last axis
@@ -181,25 +183,30 @@ class Motion(Alteration):
         batch, _, *shape = x_BCDHW.shape
         segment_BW, angles, shifts = draw_motion(batch, self.parameter, shape[2], generator, x_BCDHW.device)
         theta = rigid_theta(angles.flatten(0, 1), shifts.flatten(0, 1), shape)
-        moved = self._moved_copies(x_BCDHW, theta.view(batch, MOTION_SEGMENTS, 3, 4))  # (B, S, C, D, H, W)
-        # the segments split the W frequencies only, and the D and H transforms commute with that selection,
-        # so a 1D transform along W gives the same image as the 3D one at a fraction of the cost
-        spectra = torch.fft.fftshift(torch.fft.fft(moved, dim=PHASE_DIM), dim=PHASE_DIM)
-        select = F.one_hot(segment_BW, MOTION_SEGMENTS).permute(0, 2, 1).to(x_BCDHW.dtype)  # (B, S, W)
-        composed = (spectra * select.view(batch, MOTION_SEGMENTS, 1, 1, 1, -1)).sum(dim=1)
-        return torch.fft.ifft(torch.fft.ifftshift(composed, dim=PHASE_DIM), dim=PHASE_DIM).real
+        moved = self._moved_copies(x_BCDHW, theta.view(batch, MOTION_SEGMENTS, 3, 4))  # (B, 2, C, D, H, W)
+        # Composing line segments of the copies' spectra along W (the D and H transforms commute with selecting W
+        # frequencies) equals x plus, per moved copy, its difference to x filtered by that copy's line mask. Only
+        # the real part is kept (as TorchIO does), and Re(ifft(fft(d) * mask)) of a real d is irfft(rfft(d) *
+        # (mask(k) + mask(-k)) / 2): half-spectrum transforms of two differences instead of full complex
+        # transforms of three copies.
+        select = F.one_hot(segment_BW, MOTION_SEGMENTS).permute(0, 2, 1)[:, [0, 2]].to(x_BCDHW.dtype)  # (B, 2, W)
+        select = torch.fft.ifftshift(select, dim=-1)  # line index in centred order -> FFT frequency index
+        symmetric = 0.5 * (select + torch.roll(select.flip(-1), 1, dims=-1))  # (mask(k) + mask(-k mod W)) / 2
+        half = symmetric[..., :shape[2] // 2 + 1].view(batch, 2, 1, 1, 1, -1)
+        spectra = torch.fft.rfft(moved - x_BCDHW.unsqueeze(1), dim=PHASE_DIM)
+        change = torch.fft.irfft((spectra * half).sum(dim=1), n=shape[2], dim=PHASE_DIM)
+        return x_BCDHW + change
 
     @staticmethod
     def _moved_copies(x_BCDHW: torch.Tensor, theta_BS34: torch.Tensor) -> torch.Tensor:
-        """The volume at each segment's position; the unmoved segment (1) is the input itself, not resampled."""
+        """The volume at the two moved segments' positions (segments 0 and 2; segment 1 is the input itself)."""
         batch = x_BCDHW.shape[0]
         moved_theta = theta_BS34[:, [0, 2]].flatten(0, 1)
         copies = x_BCDHW.repeat_interleave(2, dim=0)  # (B*2, C, D, H, W)
-        grid = F.affine_grid(moved_theta.to(x_BCDHW.dtype), list(copies.shape), align_corners=False)
+        grid = affine_grid_3d(moved_theta.to(x_BCDHW.dtype), copies.shape[2:])
         # border padding: tissue moving out of view is replaced by the edge value, not by a dark frame
         moved = F.grid_sample(copies, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        moved = moved.view(batch, 2, *x_BCDHW.shape[1:])
-        return torch.stack([moved[:, 0], x_BCDHW, moved[:, 1]], dim=1)
+        return moved.view(batch, 2, *x_BCDHW.shape[1:])
 
 
 def draw_ghost_counts(batch: int, generator: torch.Generator) -> torch.Tensor:

@@ -42,19 +42,45 @@ def gaussian_kernels(sigmas_N: torch.Tensor, radius: int) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def _fft_size(minimum: int) -> int:
+    """The smallest integer >= `minimum` with no prime factor above 5."""
+    size = minimum
+    while True:
+        rest = size
+        for prime in (2, 3, 5):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
+
+
 def separable_blur(x_BCDHW: torch.Tensor, sigmas_B3: torch.Tensor) -> torch.Tensor:
-    """Blurs each volume with its own Gaussian stds along (D, H, W); edges replicated."""
-    batch, channels = x_BCDHW.shape[:2]
+    """Blurs each volume with its own Gaussian stds along (D, H, W); edges replicated.
+
+    The same truncated, normalised kernels as a direct separable convolution, applied as a product of their
+    spectra: the volume is padded by the kernel radius (replicate), so the circular convolution of the FFT equals
+    the linear one on the kept region. On CPU this ran several times faster than three grouped conv3d passes,
+    whose cost also grows with the radius.
+    """
+    batch, channels, *shape = x_BCDHW.shape
     radius = max(1, math.ceil(3 * float(sigmas_B3.max())))
-    out = x_BCDHW.reshape(1, batch * channels, *x_BCDHW.shape[2:])
-    for axis in range(3):
-        kernels = gaussian_kernels(sigmas_B3[:, axis], radius).repeat_interleave(channels, dim=0)
-        view = [batch * channels, 1, 1, 1, 1]
-        view[2 + axis] = 2 * radius + 1
-        padding = [0, 0, 0, 0, 0, 0]
-        padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        out = F.conv3d(F.pad(out, padding, mode="replicate"), kernels.view(view), groups=batch * channels)
-    return out.view_as(x_BCDHW)
+    # pad each axis to a 5-smooth length: an FFT of, say, 146 = 2 x 73 points is several times slower than of 150
+    extra = [_fft_size(size + 2 * radius) - size - radius for size in shape]
+    padded = F.pad(x_BCDHW, [radius, extra[2], radius, extra[1], radius, extra[0]], mode="replicate")
+    sizes = padded.shape[2:]
+    spectrum = torch.fft.rfftn(padded, dim=(2, 3, 4))
+    for axis, size in enumerate(sizes):
+        taps = gaussian_kernels(sigmas_B3[:, axis], radius)  # (B, 2r + 1), centred on tap r
+        circular = torch.zeros(batch, size, dtype=taps.dtype, device=taps.device)
+        circular[:, :radius + 1] = taps[:, radius:]  # tap 0 at index 0, negative taps wrapped to the end
+        circular[:, size - radius:] = taps[:, :radius]
+        transfer = torch.fft.rfft(circular, dim=1) if axis == 2 else torch.fft.fft(circular, dim=1)
+        view = [batch, 1, 1, 1, 1]
+        view[2 + axis] = transfer.shape[1]
+        spectrum = spectrum * transfer.view(view)
+    blurred = torch.fft.irfftn(spectrum, s=sizes, dim=(2, 3, 4))
+    return blurred[:, :, radius:radius + shape[0], radius:radius + shape[1], radius:radius + shape[2]].contiguous()
 
 
 @register

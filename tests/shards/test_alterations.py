@@ -66,3 +66,13 @@ def test_intensity_alterations_pass_labels_through_and_check_their_shape():
     assert torch.equal(altered, alteration(x, torch.Generator().manual_seed(3)))  # the label does not change the draw
     with pytest.raises(ValueError, match="does not match"):
         alteration(x, label=label[:, :, :-1])
+
+
+def test_docs_table_lists_every_alteration_with_its_current_parameters():
+    from pathlib import Path
+
+    from rafmedia.shards.alterations.base import severity_table
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "alterations.md").read_text(encoding="utf-8")
+    assert severity_table() in docs, "docs/alterations.md is stale: paste severity_table()'s output into it"
+    assert all(f"`{name}`" in docs for name in list_alterations()) and len(list_alterations()) >= 21

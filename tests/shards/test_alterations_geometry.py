@@ -394,3 +394,11 @@ def test_preview_first_column_is_the_middle_axial_slice(small_cohort, tmp_path):
     assert np.array_equal(first, store.read(store.subject_ids()[0])) and "first subject" in description
     small = to_preview_tensor(np.zeros((300, 150, 60), np.float32), 100)
     assert tuple(small.shape[2:]) == (20, 50, 100)
+
+
+def test_affine_grid_3d_equals_torch_affine_grid():
+    from rafmedia.shards.alterations.geometry import affine_grid_3d
+
+    theta = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(5))
+    expected = torch.nn.functional.affine_grid(theta, [3, 1, 7, 9, 11], align_corners=False)
+    assert torch.allclose(affine_grid_3d(theta, (7, 9, 11)), expected, atol=1e-6)
