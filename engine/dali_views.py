@@ -259,7 +259,7 @@ class DaliViews:
 
     @classmethod
     def like(cls, torch_views, **settings) -> "DaliViews":
-        """The DALI twin of a `TwoCropViews` (same crops, flips, jitter, noise and blur settings), e.g.
+        """The DALI twin of a `TwoCropViews` (same crop, resize, rotation, flip, jitter, noise and blur settings), e.g.
         `task.views = DaliViews.like(task.views, device="gpu")`. Refuses settings DALI has no op for here."""
         unsupported = {name: getattr(torch_views, name) for name in ("gamma", "bias_field")
                        if getattr(torch_views, name, 0.0)}
@@ -267,7 +267,8 @@ class DaliViews:
             raise UserError(f"DaliViews has no gamma or bias-field op; {type(torch_views).__name__} sets "
                             f"{unsupported}: set them to 0 or keep the torch view maker")
         shared = {name: getattr(torch_views, name) for name in ("crop_size", "max_shift", "flip_probability",
-                  "intensity_scale", "intensity_shift", "noise_std", "blur_sigma")}
+                  "intensity_scale", "intensity_shift", "noise_std", "blur_sigma", "resized_crop_scale", "rotate90",
+                  "max_rotation_degrees") if hasattr(torch_views, name)}
         return cls(**{**shared, **settings})
 
     @property
@@ -307,7 +308,8 @@ class DaliViews:
             axes = torch.nn.functional.normalize(torch.randn((batch, 3), generator=generator), dim=1).numpy()
         sigmas = draw_blur_sigmas(generator, batch, self.blur_sigma, self.blur_probability)
         gains, offsets = draw_jitter(generator, batch, self.intensity_scale, self.intensity_shift)
-        noise_stds = _uniform(generator, 0.0, self.noise_std, (batch,)).numpy()
+        noise_stds = (_uniform(generator, 0.0, self.noise_std, (batch,)).numpy() if self.noise_std > 0
+                      else np.zeros(batch, np.float32))  # as views.gaussian_noise: no draw when off
         return ViewParameters(np.asarray(starts), np.asarray(sides), rotations, angles, axes, flips, sigmas, gains,
                               offsets, noise_stds)
 

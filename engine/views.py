@@ -28,9 +28,13 @@ def crop(volumes_BCDHW: torch.Tensor, starts_B3: torch.Tensor, size: int) -> tor
 
 def random_flip(x_BCDHW: torch.Tensor, generator: torch.Generator, probability: float = 0.5) -> torch.Tensor:
     """Flips each sample independently along each spatial axis with `probability`."""
-    flips = torch.rand((x_BCDHW.shape[0], 3), generator=generator) < probability
+    return flip_samples(x_BCDHW, torch.rand((x_BCDHW.shape[0], 3), generator=generator) < probability)
+
+
+def flip_samples(x_BCDHW: torch.Tensor, flips_B3: torch.Tensor) -> torch.Tensor:
+    """Flips sample b along spatial axis d where `flips_B3[b, d]`."""
     out = x_BCDHW.clone()
-    for index, sample_flips in enumerate(flips.tolist()):
+    for index, sample_flips in enumerate(flips_B3.tolist()):
         dims = [axis + 1 for axis, flip in enumerate(sample_flips) if flip]
         if dims:
             out[index] = torch.flip(x_BCDHW[index], dims=dims)
@@ -46,7 +50,9 @@ def intensity_jitter(x_BCDHW: torch.Tensor, generator: torch.Generator, scale: f
 
 
 def gaussian_noise(x_BCDHW: torch.Tensor, generator: torch.Generator, max_std: float) -> torch.Tensor:
-    """Adds noise with a per-sample std drawn from U(0, max_std)."""
+    """Adds noise with a per-sample std drawn from U(0, max_std); draws nothing when `max_std` is 0."""
+    if max_std <= 0:
+        return x_BCDHW
     stds = _uniform(generator, 0.0, max_std, (x_BCDHW.shape[0], 1, 1, 1, 1))
     return x_BCDHW + stds * torch.randn(x_BCDHW.shape, generator=generator)
 
@@ -110,9 +116,47 @@ def random_bias_field(x_BCDHW: torch.Tensor, generator: torch.Generator, max_str
     return _match_moments((x_BCDHW - flat.min(dim=1).values.view(shape)) * torch.exp(strength * field), x_BCDHW)
 
 
+def resized_crops(volumes_BCDHW: torch.Tensor, starts_B3: torch.Tensor, sides_B: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops of side `sides_B[b]` at corners `starts_B3[b]`, each resized to `size` (trilinear, align_corners=False:
+    what DALI's resize gives with antialiasing off)."""
+    import torch.nn.functional as F
+
+    crops = []
+    for volume, (d, h, w), side in zip(volumes_BCDHW, starts_B3.tolist(), sides_B.tolist()):
+        box = volume[:, d:d + side, h:h + side, w:w + side]
+        crops.append(F.interpolate(box[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0])
+    return torch.stack(crops)
+
+
+def random_rotate90(x_BCDHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each (cubic) sample turned by one of the 10 rotations of `ROTATIONS_3D`, drawn uniformly."""
+    rotations = torch.randint(0, len(ROTATIONS_3D), (x_BCDHW.shape[0],), generator=generator)
+    return torch.stack([rotate(sample, int(r)) for sample, r in zip(x_BCDHW, rotations)])
+
+
+def random_rotation(x_BCDHW: torch.Tensor, generator: torch.Generator, max_degrees: float) -> torch.Tensor:
+    """A rotation about the centre, about a random axis, by U(-max_degrees, max_degrees); trilinear, zero fill."""
+    if max_degrees <= 0:
+        return x_BCDHW
+    import torch.nn.functional as F
+
+    from rafmedia.shards.alterations.geometry import affine_grid_from_voxel_matrix, axis_angle_matrix
+
+    batch = x_BCDHW.shape[0]
+    angles = torch.deg2rad(_uniform(generator, -max_degrees, max_degrees, (batch,)))
+    axes = F.normalize(torch.randn((batch, 3), generator=generator), dim=1)
+    grid = affine_grid_from_voxel_matrix(axis_angle_matrix(axes, angles).to(x_BCDHW.device), x_BCDHW.shape[2:])
+    return F.grid_sample(x_BCDHW, grid.to(x_BCDHW.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 @dataclass
 class TwoCropViews:
-    """Two augmented crops of each volume whose corners differ by at most `max_shift` voxels per axis."""
+    """Two augmented crops of each volume whose corners differ by at most `max_shift` voxels per axis.
+
+    Optional (off by default, and then drawing nothing, so existing seeds keep their views): resized crops
+    (`resized_crop_scale`), one of the 10 quarter-turn rotations (`rotate90`) and an arbitrary rotation
+    (`max_rotation_degrees`). `rafmedia.engine.dali_views.DaliViews` runs the same operations as a DALI pipeline.
+    """
 
     crop_size: int = 40
     max_shift: int = 12
@@ -123,18 +167,39 @@ class TwoCropViews:
     blur_sigma: float = 0.0  # max blur sigma (voxels), applied to half the views
     gamma: float = 0.0  # max |log gamma| of the contrast change
     bias_field: float = 0.0  # max strength of a smooth multiplicative field
+    resized_crop_scale: tuple[float, float] = (1.0, 1.0)  # crop side range (fractions of crop_size), resized back
+    rotate90: bool = False  # one of the 10 quarter-turn rotations of ROTATIONS_3D per view
+    max_rotation_degrees: float = 0.0  # arbitrary rotation about a random axis, U(-m, m) degrees
 
     def __call__(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        batch, spatial = volumes_BCDHW.shape[0], volumes_BCDHW.shape[2:]
-        starts_a = random_crop_starts(generator, spatial, self.crop_size, batch)
+        batch, spatial = volumes_BCDHW.shape[0], torch.tensor(volumes_BCDHW.shape[2:])
+        starts_a = random_crop_starts(generator, volumes_BCDHW.shape[2:], self.crop_size, batch)
         shift = torch.randint(-self.max_shift, self.max_shift + 1, (batch, 3), generator=generator)
-        highs = torch.tensor([size - self.crop_size for size in spatial])
-        starts_b = torch.minimum(torch.clamp(starts_a + shift, min=0), highs)
-        return {"view_a": self._augment(crop(volumes_BCDHW, starts_a, self.crop_size), generator),
-                "view_b": self._augment(crop(volumes_BCDHW, starts_b, self.crop_size), generator)}
+        sides = [torch.full((batch,), self.crop_size), torch.full((batch,), self.crop_size)]
+        if self.resizes:  # both views' sides, drawn before either view's augmentations (DaliViews.draw's order)
+            low, high = self.resized_crop_scale
+            sides = [_uniform(generator, low * self.crop_size, high * self.crop_size, (batch,)).round().long()
+                     .clamp(1, int(spatial.min())) for _ in range(2)]
+        starts_a = torch.minimum(starts_a, spatial - sides[0][:, None])  # a larger crop still fits the volume
+        starts_b = torch.minimum(torch.clamp(starts_a + shift, min=0), spatial - sides[1][:, None])
+        return {"view_a": self._augment(self._crop(volumes_BCDHW, starts_a, sides[0]), generator),
+                "view_b": self._augment(self._crop(volumes_BCDHW, starts_b, sides[1]), generator)}
+
+    @property
+    def resizes(self) -> bool:
+        return tuple(self.resized_crop_scale) != (1.0, 1.0)
+
+    def _crop(self, volumes_BCDHW: torch.Tensor, starts_B3: torch.Tensor, sides_B: torch.Tensor) -> torch.Tensor:
+        if not self.resizes:
+            return crop(volumes_BCDHW, starts_B3, self.crop_size)
+        return resized_crops(volumes_BCDHW, starts_B3, sides_B, self.crop_size)
 
     def _augment(self, x_BCDHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x_BCDHW = random_flip(x_BCDHW, generator, self.flip_probability)
+        # drawn in DaliViews' order (flips, quarter turn, rotation, blur, jitter, noise), applied rotations first
+        flips = torch.rand((x_BCDHW.shape[0], 3), generator=generator) < self.flip_probability
+        if self.rotate90:
+            x_BCDHW = random_rotate90(x_BCDHW, generator)
+        x_BCDHW = flip_samples(random_rotation(x_BCDHW, generator, self.max_rotation_degrees), flips)
         x_BCDHW = random_gamma(x_BCDHW, generator, self.gamma)
         x_BCDHW = random_bias_field(x_BCDHW, generator, self.bias_field)
         x_BCDHW = gaussian_blur(x_BCDHW, generator, self.blur_sigma)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rafmedia.engine.encoders import create_encoder
@@ -112,3 +113,62 @@ def test_random_bias_field_keeps_moments_and_is_smooth():
     torch.testing.assert_close(y.flatten(1).mean(1), x.flatten(1).mean(1), atol=1e-4, rtol=0)
     torch.testing.assert_close(y.flatten(1).std(1), x.flatten(1).std(1), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(y, x, atol=1e-2)
+
+
+def test_resized_crops_equal_interpolating_the_hand_computed_box():
+    import torch.nn.functional as F
+
+    from rafmedia.engine.views import resized_crops
+
+    volumes = torch.randn(2, 1, 30, 30, 30, generator=torch.Generator().manual_seed(0))
+    out = resized_crops(volumes, torch.tensor([[5, 6, 7], [0, 0, 0]]), torch.tensor([18, 9]), 12)
+    expected = [F.interpolate(volumes[0:1, :, 5:23, 6:24, 7:25], size=(12,) * 3, mode="trilinear", align_corners=False),
+                F.interpolate(volumes[1:2, :, 0:9, 0:9, 0:9], size=(12,) * 3, mode="trilinear", align_corners=False)]
+    assert torch.allclose(out, torch.cat(expected))
+
+
+@pytest.mark.parametrize("options", [dict(rotate90=True), dict(resized_crop_scale=(0.75, 1.3)),
+                                     dict(rotate90=True, resized_crop_scale=(0.8, 1.2), blur_sigma=1.0)])
+def test_torch_views_equal_the_dali_pipeline_for_the_same_seed(options):
+    from rafmedia.engine.dali_views import DaliViews
+    from rafmedia.engine.views import TwoCropViews
+
+    volumes = torch.randn(4, 1, 26, 26, 26, generator=torch.Generator().manual_seed(1))
+    torch_views = TwoCropViews(crop_size=16, max_shift=4, noise_std=0.0, **options)  # noise: DALI's own generator
+    ours = torch_views(volumes, torch.Generator().manual_seed(5))
+    dali = DaliViews.like(torch_views)(volumes, torch.Generator().manual_seed(5))
+    inner = (slice(None), slice(None)) + (slice(3, -3),) * 3  # blur borders differ: zero padding vs DALI's mirror
+    for view in ("view_a", "view_b"):
+        assert torch.allclose(ours[view][inner], dali[view][inner], atol=1e-4), view
+
+
+def test_rotate90_views_are_quarter_turns_of_the_plain_crop():
+    from rafmedia.engine.views import ROTATIONS_3D, TwoCropViews, rotate
+
+    volumes = torch.randn(4, 1, 20, 20, 20, generator=torch.Generator().manual_seed(2))
+    quiet = dict(crop_size=12, max_shift=0, flip_probability=0.0, intensity_scale=0.0, intensity_shift=0.0,
+                 noise_std=0.0)
+    plain = TwoCropViews(**quiet)(volumes, torch.Generator().manual_seed(3))["view_a"]
+    turned = TwoCropViews(**quiet, rotate90=True)(volumes, torch.Generator().manual_seed(3))["view_a"]
+    found = [next(r for r in range(len(ROTATIONS_3D)) if torch.equal(rotate(p, r), t)) for p, t in zip(plain, turned)]
+    assert len(found) == 4 and len(set(found)) > 1  # every view is one of the 10 rotations, not always the same
+
+
+def test_arbitrary_rotation_keeps_a_radial_volume_and_turns_others():
+    from rafmedia.engine.views import random_rotation
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(24.0) - 11.5] * 3, indexing="ij"))
+    radius = grid.norm(dim=0)
+    radial = torch.exp(-(radius / 6) ** 2).expand(3, 1, 24, 24, 24).contiguous()
+    rotated = random_rotation(radial, torch.Generator().manual_seed(4), 40.0)
+    inside = radius < 8
+    assert (rotated[:, 0][:, inside] - radial[:, 0][:, inside]).abs().max() < 0.03  # a sphere is rotation-invariant
+    ramp = (grid[0] / 12).expand(3, 1, 24, 24, 24).contiguous()
+    turned = random_rotation(ramp, torch.Generator().manual_seed(4), 40.0)
+    # a linear ramp stays linear with the same gradient norm (a rotation is an isometry), but its gradient turns
+    points = torch.cat([grid[:, inside].T, torch.ones(int(inside.sum()), 1)], dim=1)
+    for sample in turned[:, 0]:
+        gradient = torch.linalg.lstsq(points, sample[inside].unsqueeze(1)).solution[:3, 0]
+        assert gradient.norm() == pytest.approx(1 / 12, rel=0.03)
+    assert (turned[:, 0][:, inside] - ramp[:, 0][:, inside]).abs().mean() > 0.01
+    assert torch.equal(random_rotation(ramp, torch.Generator().manual_seed(4), 0.0), ramp)
