@@ -76,3 +76,18 @@ def test_docs_table_lists_every_alteration_with_its_current_parameters():
     docs = (Path(__file__).resolve().parents[2] / "docs" / "alterations.md").read_text(encoding="utf-8")
     assert severity_table() in docs, "docs/alterations.md is stale: paste severity_table()'s output into it"
     assert all(f"`{name}`" in docs for name in list_alterations()) and len(list_alterations()) >= 21
+
+
+def test_bias_field_energy_is_in_low_frequencies_and_its_log_has_zero_mean():
+    x = _volume()
+    alteration = create_alteration("bias_field", severity=4)
+    log_ratio = torch.log(alteration(x, torch.Generator().manual_seed(3)) / x)[:, 0].double()
+    for field in log_ratio:
+        assert abs(field.mean().item()) < 1e-5  # documented: the multiplier's geometric mean is 1
+        mirrored = field - field.mean()
+        for dim in range(3):  # even extension: no jump at the borders for the FFT to see (a DCT, in effect)
+            mirrored = torch.cat([mirrored, mirrored.flip(dim)], dim=dim)
+        power = torch.fft.fftn(mirrored).abs() ** 2
+        frequencies = torch.stack(torch.meshgrid(*[torch.fft.fftfreq(n) * n for n in mirrored.shape], indexing="ij"))
+        low = frequencies.norm(dim=0) <= 6  # at most 3 cycles across the volume (6 across the mirrored one)
+        assert power[low].sum() / power.sum() > 0.99  # white noise would put 0.3% of its energy there
