@@ -98,17 +98,17 @@ class MonaiResNet3d(PooledEncoder):
         return t.layer4(t.layer3(t.layer2(t.layer1(x))))
 
 
-@ENCODERS.register("cnn3d_small")
+@ENCODERS.register("cnn3d_small", family="cnn")
 def cnn3d_small(in_channels: int = 1, width: int = 16, num_stages: int = 3, norm: str = "batch") -> nn.Module:
     return SmallCNN3d(in_channels=in_channels, width=width, num_stages=num_stages, norm=norm)
 
 
-@ENCODERS.register("resnet10_3d")
+@ENCODERS.register("resnet10_3d", family="cnn")
 def resnet10_3d(in_channels: int = 1, widen_factor: float = 1.0) -> nn.Module:
     return MonaiResNet3d(depth=10, in_channels=in_channels, widen_factor=widen_factor)
 
 
-@ENCODERS.register("resnet18_3d")
+@ENCODERS.register("resnet18_3d", family="cnn")
 def resnet18_3d(in_channels: int = 1, widen_factor: float = 1.0) -> nn.Module:
     return MonaiResNet3d(depth=18, in_channels=in_channels, widen_factor=widen_factor)
 
@@ -119,3 +119,6 @@ class EncoderConfig:
 
     name: str = "cnn3d_small"
     options: dict[str, Any] = field(default_factory=lambda: {"width": 16})
+
+
+from rafmedia.engine import encoders_transformers  # noqa: E402,F401  (registers its encoders)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from rafmedia.engine.errors import UserError
 
@@ -41,14 +41,23 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._tags: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, **tags: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Registers a factory under `name`; `tags` are facts other code may ask without building it
+        (e.g. an encoder's `family="vit"`, a task's `encoder_families=("vit",)`)."""
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             assert name not in self._factories, f"{self.kind} '{name}' is registered twice"
             self._factories[name] = factory
+            self._tags[name] = dict(tags)
             return factory
 
         return decorator
+
+    def tags(self, name: str) -> dict[str, Any]:
+        """The tags `name` was registered with (an unknown name is a `UserError`)."""
+        self.get(name)
+        return dict(self._tags[name])
 
     def names(self) -> list[str]:
         return sorted(self._factories)

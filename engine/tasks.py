@@ -2,7 +2,14 @@
 
 - `task.views`: the view maker the data pipeline must run (a picklable callable);
 - `task(batch)` returns `{"loss": scalar tensor, **logs}` where logs are floats or 0-d tensors;
-- `task.encoder`: the encoder being trained (what gets exported).
+- `task.encoder`: the encoder being trained (what gets exported);
+- optionally `task.on_step_end(step, total_steps)`: called by the trainer after each optimizer step (DINO's
+  teacher EMA, for instance). State a task keeps must live in parameters or buffers, so checkpoints carry it.
+
+A task is registered with tags the config validation reads without building anything:
+- `encoder_families`: the encoder families it works with (`ENCODERS.tags(name)["family"]`), None for any;
+- `data`: what the data pipeline feeds its view maker: "image" (the image channel(s), default), "label"
+  (the label map, as float class indices), or "paired" (two channels of one subject, `data.channels`).
 
 The trainer never names a task; it builds one with `create_task(name, encoder=..., **options)`.
 """
@@ -15,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rafmedia.engine.errors import UserError
 from rafmedia.engine.registry import Registry
 from rafmedia.engine.views import ROTATIONS_3D, RotationViews, TwoCropViews
 
@@ -28,6 +36,23 @@ def create_task(name: str, *, encoder: nn.Module, **options) -> nn.Module:
 
 def list_tasks() -> list[str]:
     return TASKS.names()
+
+
+def task_data_kind(name: str) -> str:
+    """What the task's view maker is fed: "image", "label" or "paired" (see the module docstring)."""
+    return TASKS.tags(name).get("data", "image")
+
+
+def check_compatible(task_name: str, encoder_name: str) -> None:
+    """Refuses a task/encoder pair that cannot train (MAE without a ViT), before anything is built."""
+    from rafmedia.engine.encoders import ENCODERS
+
+    families = TASKS.tags(task_name).get("encoder_families")
+    family = ENCODERS.tags(encoder_name).get("family")
+    if families is not None and family not in families:
+        fitting = [name for name in ENCODERS.names() if ENCODERS.tags(name).get("family") in families]
+        raise UserError(f"task '{task_name}' needs an encoder of family {' or '.join(families)}, but encoder "
+                        f"'{encoder_name}' is a {family}; set encoder.name to one of: {', '.join(fitting)}")
 
 
 def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,3 +135,7 @@ class TaskConfig:
 
     name: str = "contrastive_two_crop"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+from rafmedia.engine import tasks_cpc  # noqa: E402,F401  (registers its tasks)
+from rafmedia.engine import tasks_taleb  # noqa: E402,F401  (registers its tasks)
