@@ -1,10 +1,11 @@
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-# Every install path goes through $(PIP_INSTALL), which applies constraints.txt (the torch pins).
+# Every install path goes through $(PIP_INSTALL), which applies constraints.txt (the torch pins) and DS_BUILD_OPS=0
+# (DeepSpeed installs without compiling its ops; on CPU none are needed).
 PYTHON ?= python3
 VENV ?= .venv
-PIP_INSTALL = $(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
+PIP_INSTALL = DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP = $(VENV)/.installed
 
 .PHONY: venv quickstart test benchmarks clean

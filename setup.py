@@ -39,6 +39,7 @@ setup(
         "webdataset>=0.2.90",
         "nibabel>=5",
         "SimpleITK>=2.2",  # reads NIfTI, NRRD, MetaImage and DICOM series for `raf shards ingest`
+        "tensorboard>=2.14",  # pretraining logs (out/tensorboard), next to metrics.jsonl
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],
@@ -47,7 +48,8 @@ setup(
         "slurm": ["submitit>=1.5"],
         "dev": ["pytest>=7", "pytest-timeout>=2", "pydicom>=2.4", "pynrrd>=1.0",  # independent writers of ingest test files
                 "torchio>=0.20",  # the peer of the loader benchmark, whose --quick run is a test
-                "nvidia-dali-cuda120>=1.30"],  # DALI view pipeline parity tests run on its CPU backend
+                "nvidia-dali-cuda120>=1.30",  # DALI view pipeline parity tests run on its CPU backend
+                "deepspeed>=0.15"],  # two-rank ZeRO-2 tests on CPU (installed with DS_BUILD_OPS=0: nothing compiles)
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry
+from rafmedia.engine.registry import Registry, unknown_name_error
 from rafmedia.engine.views import ROTATIONS_3D, RotationViews, TwoCropViews
 
 TASKS: Registry[nn.Module] = Registry("pretext task")
@@ -94,14 +94,19 @@ class TwoCropContrastive(nn.Module):
         return {"loss": loss, "pair_accuracy": accuracy.detach()}
 
 
+# Normalisation in a task's MLP head. "batch" helps small CNNs learn (see TwoCropContrastive); "layer" and "none" make
+# each sample's loss independent of the rest of the batch (what DDP equivalence tests and tiny batches need).
+HEAD_NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": lambda features: nn.Identity()}
+
+
 class RotationPrediction(nn.Module):
     """3D rotation prediction (Taleb et al., NeurIPS 2020): classify which of 10 rotations a crop went through."""
 
-    def __init__(self, encoder: nn.Module, views: RotationViews, hidden_dim: int = 256):
+    def __init__(self, encoder: nn.Module, views: RotationViews, hidden_dim: int = 256, head_norm: str = "batch"):
         super().__init__()
         self.encoder = encoder
         self.views = views
-        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), HEAD_NORMS[head_norm](hidden_dim),
                                   nn.ReLU(inplace=True), nn.Linear(hidden_dim, len(ROTATIONS_3D)))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,10 +117,12 @@ class RotationPrediction(nn.Module):
 
 @TASKS.register("rotation")
 def rotation(encoder: nn.Module, crop_size: int = 40, hidden_dim: int = 256, intensity_scale: float = 0.2,
-             intensity_shift: float = 0.2, noise_std: float = 0.2) -> nn.Module:
+             intensity_shift: float = 0.2, noise_std: float = 0.2, head_norm: str = "batch") -> nn.Module:
+    if head_norm not in HEAD_NORMS:
+        raise unknown_name_error("head norm", head_norm, HEAD_NORMS)
     views = RotationViews(crop_size=crop_size, intensity_scale=intensity_scale, intensity_shift=intensity_shift,
                           noise_std=noise_std)
-    return RotationPrediction(encoder, views, hidden_dim=hidden_dim)
+    return RotationPrediction(encoder, views, hidden_dim=hidden_dim, head_norm=head_norm)
 
 
 @TASKS.register("contrastive_two_crop")
@@ -139,3 +146,5 @@ class TaskConfig:
 
 from rafmedia.engine import tasks_cpc  # noqa: E402,F401  (registers its tasks)
 from rafmedia.engine import tasks_taleb  # noqa: E402,F401  (registers its tasks)
+from rafmedia.engine import tasks_dino  # noqa: E402,F401  (registers its tasks)
+from rafmedia.engine import tasks_mae  # noqa: E402,F401  (registers its tasks)

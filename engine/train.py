@@ -1,27 +1,36 @@
-"""The pretraining loop: fetch -> task -> backward -> step -> log, with checkpoint and resume.
+"""The pretraining loop: fetch -> micro-steps (forward, backward) -> optimizer step -> EMA -> log -> checkpoint.
 
-Everything is built in `build_*` functions; the loop itself fits on one screen.
+Everything is built in `build_*` functions and the wrapper registry (plain PyTorch, DDP, DeepSpeed); the loop
+itself fits on one screen. A checkpoint holds the model, optimizer, scheduler, every rank's RNG state and data
+position, and the EMA, so a resumed run continues the uninterrupted run's loss sequence exactly. SIGTERM and
+SIGUSR1 (SLURM's preemption and time-limit warnings) save a checkpoint at the end of the current step and stop.
 """
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from rafmedia.engine.checkpoint import Checkpointer
+from rafmedia.engine.batches import as_batch_source
+from rafmedia.engine.distributed import (Place, any_rank, device_for, gather_objects, init_distributed,
+                                         mean_across_ranks, place_from_environment)
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import atomic_write_text
+from rafmedia.engine.wrappers import NonFiniteLoss, create_wrapper
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping for one pretraining run."""
+    """Optimisation and bookkeeping for one pretraining run. `batch_size` is per rank and per micro-step."""
 
     steps: int = 600
     batch_size: int = 16
@@ -29,16 +38,43 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 30
     grad_clip: float = 3.0
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # also on the last step and on SIGTERM / SIGUSR1
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default (all cores)
+    wrapper: str = "plain"  # plain | ddp | deepspeed  (`raf list wrappers`)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (deepspeed wrapper only)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged on top
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the encoder's weights, exported instead of the raw weights
+    tensorboard: bool = True  # also log to out_dir/tensorboard (rank 0)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
             raise UserError(f"train.steps must be >= 1 and train.batch_size >= 2, got {self.steps} and {self.batch_size}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
+        if self.grad_accum_steps < 1:
+            raise UserError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1) (0 turns the EMA off), got {self.ema_decay}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # the loss of every step run in this call (mean over ranks and micro-batches)
+    last_step: int
+    ema: nn.Module | None = None  # the EMA of the encoder, when train.ema_decay > 0
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; running the same command again resumes."""
+
+    def __init__(self, signal_name: str, step: int, checkpoints: Path):
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {checkpoints}. "
+                         "Run the same command again to resume")
+        self.signal_name, self.step = signal_name, step
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -62,81 +98,165 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
         optimizer, lambda step: warmup_cosine(step, warmup_steps=config.warmup_steps, total_steps=config.steps))
 
 
-class JsonlLogger:
-    """Appends one JSON object per logged step to `metrics.jsonl`."""
+def build_ema(task: nn.Module, config: TrainConfig) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the encoder's weights and buffers (torch's AveragedModel)."""
+    if config.ema_decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    def __init__(self, path: Path):
-        self.path = path
+    return AveragedModel(task.encoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+
+
+class MetricLogger:
+    """Rank 0 appends one JSON object per logged step to `metrics.jsonl`, and the same scalars to TensorBoard."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool):
+        self.path, self.enabled, self.writer = out_dir / "metrics.jsonl", enabled, None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: tensorboard is not installed, logging to metrics.jsonl only (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def drop_from(self, step: int) -> None:
         """On resume, forgets records of steps the checkpoint does not cover (they will be logged again)."""
-        if self.path.is_file():
+        if self.enabled and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StopRequest:
+    """Remembers a SIGTERM / SIGUSR1 until the loop reaches the end of a step (handlers restored on exit)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def _as_float(value: Any) -> float:
     return float(value.detach()) if torch.is_tensor(value) else float(value)
 
 
-def train(task: nn.Module, batches: Callable[[int], dict[str, torch.Tensor]], *, config: TrainConfig,
-          out_dir: Path, progress: bool = True) -> list[float]:
-    """Runs (or resumes) pretraining of `task` and returns the loss of every step run in this call.
+def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progress: bool = True,
+          place: Place | None = None) -> TrainResult:
+    """Runs (or resumes) pretraining of `task` and returns the losses of the steps run in this call.
 
-    `batches(step)` gives the batch of a step; it must be a pure function of the step for exact resume.
+    `batches` is a batch source (`rafmedia.engine.batches`) or a pure function of the micro-step. Under torchrun
+    or the deepspeed launcher every rank calls this with its own source (its share of the data).
     """
     from tqdm.auto import tqdm
 
     config.validate()
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
+    place = place or place_from_environment()
+    init_distributed(place)
+    device = device_for(place)
     torch.manual_seed(config.seed)
+    task.to(device)
     optimizer = build_optimizer(task, config)
     scheduler = build_scheduler(optimizer, config)
+    wrapper = create_wrapper(config.wrapper, task=task, optimizer=optimizer, scheduler=scheduler, config=config,
+                             place=place, device=device)
+    ema = build_ema(task, config)
+    source = as_batch_source(batches)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(out_dir / "checkpoints", config.checkpoint_every)
-    logger = JsonlLogger(out_dir / "metrics.jsonl")
-    start = _resume(checkpointer, task, optimizer, scheduler)
+    checkpoints = out_dir / "checkpoints"
+    logger = MetricLogger(out_dir, enabled=place.is_main, tensorboard=config.tensorboard)
+    start = resume(wrapper, checkpoints, source, ema, place)
     logger.drop_from(start)
+
+    def save(step: int) -> None:
+        ranks = gather_objects({"torch_rng": torch.get_rng_state(), "data": source.state_dict()})
+        wrapper.save(checkpoints, {"step": step, "world_size": place.world_size, "ranks": ranks,
+                                   "ema": ema.state_dict() if ema is not None else None})
 
     task.train()
     losses = []
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain", unit="step", disable=not progress)
-    for step in bar:
-        began = time.perf_counter()
-        outputs = task(batches(step))
-        loss = outputs["loss"]
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint is kept in "
-                            f"{checkpointer.folder}: lower train.lr (now {config.lr}) or raise train.warmup_steps and resume")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step % config.log_every == 0 or step == config.steps - 1:
-            logs = {key: round(_as_float(value), 6) for key, value in outputs.items()}
-            logger.log({"step": step, **logs, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "step_seconds": round(time.perf_counter() - began, 4)})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if checkpointer.should_save(step + 1, last_step=config.steps):
-            checkpointer.save({"step": step + 1, "model": task.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()})
-    return losses
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain", unit="step",
+               disable=not (progress and place.is_main))
+    with StopRequest() as stop:
+        for step in bar:
+            began = time.perf_counter()
+            try:
+                outputs = [wrapper.micro_step(to_device(source.next(), device), boundary=micro == config.grad_accum_steps - 1)
+                           for micro in range(config.grad_accum_steps)]
+            except NonFiniteLoss as error:
+                raise UserError(f"{error} at step {step}; stopped. The last good checkpoint is kept in {checkpoints}: "
+                                f"lower train.lr (now {config.lr}) or raise train.warmup_steps and resume") from None
+            grad_norm = wrapper.optimizer_step()
+            if hasattr(task, "on_step_end"):
+                task.on_step_end(step, config.steps)
+            if ema is not None:
+                ema.update_parameters(task.encoder)
+            loss = mean_across_ranks(sum(_as_float(o["loss"]) for o in outputs) / len(outputs), device)
+            losses.append(loss)
+            if step % config.log_every == 0 or step == config.steps - 1:
+                logs = {key: round(sum(_as_float(o[key]) for o in outputs) / len(outputs), 6) for key in outputs[0]}
+                logger.log({"step": step, **logs, "loss": loss, "lr": wrapper.lr(), "grad_norm": grad_norm,
+                            "step_seconds": round(time.perf_counter() - began, 4)})
+                bar.set_postfix(loss=f"{loss:.3f}")
+            stopping = any_rank(stop.signal_name is not None, device)
+            if stopping or step + 1 == config.steps or (config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0):
+                save(step + 1)
+            if stopping:
+                logger.close()
+                raise Preempted(stop.signal_name or "a signal on another rank", step + 1, checkpoints)
+    logger.close()
+    return TrainResult(losses=losses, last_step=config.steps, ema=ema.module if ema is not None else None)
 
 
-def _resume(checkpointer: Checkpointer, task: nn.Module, optimizer, scheduler) -> int:
-    state = checkpointer.load()
+def resume(wrapper, checkpoints: Path, source, ema, place: Place) -> int:
+    """Loads the latest checkpoint into the wrapper, data source, RNG and EMA; returns the step to start at."""
+    state = wrapper.load(checkpoints)
     if state is None:
         return 0
-    task.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    if state["world_size"] != place.world_size:
+        raise UserError(f"the checkpoint in {checkpoints} was written by {state['world_size']} ranks, this run has "
+                        f"{place.world_size}; resume with the same number of processes (or start a new --out)")
+    mine = state["ranks"][place.rank]
+    torch.set_rng_state(mine["torch_rng"])
+    source.load_state_dict(mine["data"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise UserError(f"the checkpoint in {checkpoints} has no EMA but train.ema_decay > 0; resume with the "
+                            "ema_decay the run started with")
+        ema.load_state_dict(state["ema"])
     return int(state["step"])

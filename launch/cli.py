@@ -5,6 +5,7 @@ User errors print one line and exit with code 2; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rafmedia.engine.train import Preempted
     from rafmedia.launch import commands
 
     try:
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"raf: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)  # 1: partly done (e.g. bad subjects in an ingest), see the message
+    except Preempted as stopped:  # SIGTERM / SIGUSR1 (SLURM preemption): checkpoint saved, same command resumes
+        print(f"raf: {stopped}", file=sys.stderr)
+        return 128 + getattr(signal, stopped.signal_name, signal.SIGTERM)
     except KeyboardInterrupt:
         print("raf: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
         return 130

@@ -204,6 +204,7 @@ LISTINGS = {
     "alterations": "rafmedia.shards.alterations:list_alterations",
     "probes": "rafmedia.evaluate.probes:list_probes",
     "intensity-policies": "rafmedia.shards.preprocess:list_intensity_policies",
+    "wrappers": "rafmedia.engine.wrappers:list_wrappers",
 }
 
 

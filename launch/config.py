@@ -187,10 +187,27 @@ def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Ra
     tree = dataclasses.asdict(RafConfig())
     tree = merge(tree, read_yaml(DEFAULT_CONFIG), RafConfig)
     if config_file:
-        tree = merge(tree, read_yaml(config_file), RafConfig)
-    for text in overrides:
-        apply_override(tree, *parse_override(text))
+        layer = read_yaml(config_file)
+        _reset_options_of_renamed(tree, {section: (layer.get(section) or {}).get("name") for section in NAMED_SECTIONS
+                                         if isinstance(layer.get(section), dict)})
+        tree = merge(tree, layer, RafConfig)
+    parsed = [parse_override(text) for text in overrides]
+    _reset_options_of_renamed(tree, {path[0]: value for path, value in parsed
+                                     if len(path) == 2 and path[0] in NAMED_SECTIONS and path[1] == "name"})
+    for path, value in parsed:
+        apply_override(tree, path, value)
     return build(RafConfig, tree)
+
+
+# Sections whose `options` belong to the component `name` picks: when a layer picks another component, the options
+# written for the previous one are dropped (the new one starts from its factory's defaults plus what the layer sets).
+NAMED_SECTIONS = ("encoder", "task")
+
+
+def _reset_options_of_renamed(tree: dict[str, Any], new_names: dict[str, Any]) -> None:
+    for section, name in new_names.items():
+        if name is not None and name != tree[section].get("name"):
+            tree[section]["options"] = {}
 
 
 def write_resolved(config: RafConfig, out_dir: str | Path, sections: list[str]) -> Path:

@@ -6,21 +6,38 @@ sees exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
+from rafmedia.engine.errors import UserError
 from rafmedia.shards.store import CohortStore
 
 
 @dataclass
 class DataConfig:
-    """Where pretraining reads from."""
+    """Where pretraining reads from, and how.
+
+    `source: memory` loads whole volumes into memory once (small cohorts, fastest); `source: stream` streams
+    random `patch_size` patches from the store with DataLoader workers (cohorts larger than memory); the task's
+    view maker then works inside each volume or patch. Paired tasks read the two channels named in `channels`.
+    """
 
     cohort: str = ""  # path of a cohort store (raf synth / raf shards ingest)
     channel: str = "image"
+    channels: list[str] = field(default_factory=list)  # paired tasks: two channels of one subject, e.g. [inhale, exhale]
+    source: str = "memory"  # memory | stream
+    patch_size: int = 64  # stream: side of the patches read from the store
+    patches_per_subject: int = 4  # stream: patches drawn per subject visit
+    num_workers: int = 2  # stream: DataLoader workers
+
+    def validate(self) -> None:
+        if self.source not in ("memory", "stream"):
+            raise UserError(f"data.source must be 'memory' or 'stream', got '{self.source}'")
+        if self.channels and len(self.channels) != 2:
+            raise UserError(f"data.channels takes two channel names for paired tasks, got {self.channels}")
 
 
 def normalize_intensity(x_BCDHW: torch.Tensor) -> torch.Tensor:
@@ -65,13 +82,19 @@ class EpochShuffledBatches:
         return self.epoch_permutation(epoch)[start:start + self.batch_size]
 
 
-def view_batches(volumes_NCDHW: torch.Tensor, views: Callable, *, batch_size: int,
-                 seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
-    """Returns `batch(step)`: the views of that step's volumes, drawn from a generator seeded by (seed, step)."""
-    sampler = EpochShuffledBatches(len(volumes_NCDHW), batch_size, seed)
+def view_batches(volumes_NCDHW: torch.Tensor, views: Callable, *, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Returns `batch(step)`: the views of rank `rank`'s share of that step's volumes.
+
+    The step's global batch is `batch_size * world_size` items of the epoch permutation; rank r takes the r-th
+    `batch_size` of them and draws its views from a generator seeded by (seed, step, rank).
+    """
+    from rafmedia.engine.batches import view_generator
+
+    sampler = EpochShuffledBatches(len(volumes_NCDHW), batch_size * world_size, seed)
 
     def batch(step: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * step + 1)
-        return views(volumes_NCDHW[sampler.indices(step)], generator)
+        indices = sampler.indices(step)[rank * batch_size:(rank + 1) * batch_size]
+        return views(volumes_NCDHW[indices], view_generator(seed, step, rank))
 
     return batch

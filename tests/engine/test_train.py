@@ -29,7 +29,7 @@ def volumes():
 def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(volumes, tmp_path):
     config = TrainConfig(steps=8, batch_size=6, warmup_steps=2, checkpoint_every=4, log_every=1)
     task, batches = _task_and_batches(volumes)
-    straight = train(task, batches, config=config, out_dir=tmp_path / "straight", progress=False)
+    straight = train(task, batches, config=config, out_dir=tmp_path / "straight", progress=False).losses
 
     # Interrupted run: dies between the step-4 checkpoint and step 5, like a kill -9.
     class Killed(Exception):
@@ -46,7 +46,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bitwise(volumes, tmp_
         train(task, dying_batches, config=config, out_dir=tmp_path / "resumed", progress=False)
     # A restart builds everything anew (with a different init): the state must come from the checkpoint.
     task, _ = _task_and_batches(volumes, seed=123)
-    rest = train(task, batches, config=config, out_dir=tmp_path / "resumed", progress=False)
+    rest = train(task, batches, config=config, out_dir=tmp_path / "resumed", progress=False).losses
     assert len(rest) == 4
     assert rest == straight[4:]
 
@@ -99,3 +99,100 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     with pytest.raises(UserError, match=r"does not fit architecture 'cnn3d_small' .*: missing keys \[\], "
                                         r"unexpected keys \['features\.5\.0\.weight'.* and \d+ more"):
         load_encoder(weights)
+
+
+def _rotation_task(seed=0):
+    """BatchNorm-free, so one sample's loss does not depend on the others in its batch."""
+    torch.manual_seed(seed)
+    encoder = create_encoder("cnn3d_small", width=4, num_stages=2, norm="group")
+    return create_task("rotation", encoder=encoder, crop_size=12, hidden_dim=16, head_norm="layer")
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_combined_size(volumes, tmp_path):
+    from rafmedia.shards.stream import view_batches
+
+    task = _rotation_task()
+    halves = view_batches(volumes, task.views, batch_size=3, seed=0)
+    accumulated = train(task, halves, config=TrainConfig(steps=3, batch_size=3, grad_accum_steps=2, warmup_steps=1,
+                                                         lr=1e-2, tensorboard=False, checkpoint_every=0),
+                        out_dir=tmp_path / "accumulated", progress=False)
+    whole = _rotation_task()
+
+    def combined(step):  # micro-batches 2s and 2s+1 of the accumulated run, as one batch
+        parts = [halves(2 * step), halves(2 * step + 1)]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    one = train(whole, combined, config=TrainConfig(steps=3, batch_size=6, warmup_steps=1, lr=1e-2, tensorboard=False,
+                                                    checkpoint_every=0), out_dir=tmp_path / "one", progress=False)
+    assert accumulated.losses == pytest.approx(one.losses, abs=1e-5)
+    for (key, a), b in zip(task.state_dict().items(), whole.state_dict().values()):
+        assert (a - b).abs().max() < 2e-2 and ((a - b).abs() > 1e-5).float().mean() < 0.01, key
+
+
+def test_ema_follows_the_hand_computed_average_of_the_weights_after_each_step(volumes, tmp_path):
+    from rafmedia.shards.stream import view_batches
+
+    task = _rotation_task()
+    seen = []
+    task.on_step_end = lambda step, total: seen.append({k: v.clone() for k, v in task.encoder.state_dict().items()})
+    decay = 0.7
+    result = train(task, view_batches(volumes, task.views, batch_size=4, seed=0), out_dir=tmp_path, progress=False,
+                   config=TrainConfig(steps=4, batch_size=4, warmup_steps=1, ema_decay=decay, tensorboard=False))
+    expected = {key: value.float() for key, value in seen[0].items()}  # the first update copies the weights
+    for weights in seen[1:]:
+        expected = {key: decay * expected[key] + (1 - decay) * weights[key].float() for key in expected}
+    for key, value in result.ema.state_dict().items():
+        if key in expected and value.is_floating_point():
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(result.ema.state_dict()["features.0.0.weight"], seen[-1]["features.0.0.weight"])
+
+
+def test_tensorboard_holds_the_same_scalars_as_metrics_jsonl(volumes, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    task, batches = _task_and_batches(volumes)
+    train(task, batches, config=TrainConfig(steps=5, batch_size=6, warmup_steps=1, log_every=2), out_dir=tmp_path,
+          progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+    assert {"train/lr", "train/grad_norm", "train/pair_accuracy"} <= set(events.Tags()["scalars"])
+
+
+def test_bf16_autocast_trains_on_cpu_close_to_fp32(volumes, tmp_path):
+    from rafmedia.shards.stream import view_batches
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        task = _rotation_task()
+        runs[precision] = train(task, view_batches(volumes, task.views, batch_size=4, seed=0), progress=False,
+                                out_dir=tmp_path / precision, config=TrainConfig(
+                                    steps=2, batch_size=4, warmup_steps=1, precision=precision, tensorboard=False))
+    assert runs["bf16"].losses != runs["fp32"].losses  # bf16 did run in bf16
+    assert runs["bf16"].losses == pytest.approx(runs["fp32"].losses, abs=0.05)
+
+
+def test_resuming_with_another_number_of_ranks_is_refused(volumes, tmp_path):
+    task, batches = _task_and_batches(volumes)
+    config = TrainConfig(steps=2, batch_size=6, warmup_steps=1, tensorboard=False)
+    train(task, batches, config=config, out_dir=tmp_path, progress=False)
+    path = tmp_path / "checkpoints" / "latest.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "world_size": 2}, path)
+    config.steps = 4
+    with pytest.raises(UserError, match="written by 2 ranks, this run has 1; resume with the same number"):
+        train(task, batches, config=config, out_dir=tmp_path, progress=False)
+
+
+def test_a_half_set_launcher_environment_names_what_is_missing():
+    from rafmedia.engine.distributed import place_from_environment
+
+    assert place_from_environment({}).world_size == 1
+    place = place_from_environment({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h",
+                                    "MASTER_PORT": "1"})
+    assert (place.rank, place.local_rank, place.world_size) == (1, 1, 2)
+    with pytest.raises(UserError, match="RANK, WORLD_SIZE given but MASTER_ADDR, MASTER_PORT missing"):
+        place_from_environment({"RANK": "0", "WORLD_SIZE": "2"})

@@ -51,3 +51,15 @@ def test_missing_and_invalid_config_files(tmp_path):
 def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=true") == (["a"], True)
+
+
+def test_options_written_for_one_component_are_dropped_when_another_is_picked(tmp_path):
+    default = load_config()
+    assert default.task.options and default.encoder.options == {"width": 16}
+    renamed = load_config(None, ["task.name=rotation", "task.options.crop_size=24", "encoder.name=vit_3d"])
+    assert renamed.task.options == {"crop_size": 24} and renamed.encoder.options == {}
+    same = load_config(None, ["task.name=contrastive_two_crop", "task.options.temperature=0.3"])
+    assert same.task.options == {**default.task.options, "temperature": 0.3}  # same task: defaults kept
+    user = tmp_path / "rotation.yaml"
+    user.write_text("task:\n  name: rotation\n")
+    assert load_config(str(user)).task.options == {}

@@ -1,0 +1,107 @@
+"""The process group: where this process sits (rank, local rank, world size) and the few collectives the
+trainer needs. Works with one process (no group at all), torchrun, and the `deepspeed` launcher; gloo on CPU,
+NCCL on CUDA.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rafmedia.engine.errors import UserError
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Place:
+    """This process's place in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def place_from_environment(env: dict[str, str] | None = None) -> Place:
+    """Reads RANK / LOCAL_RANK / WORLD_SIZE as torchrun and the deepspeed launcher set them.
+
+    No variable at all means one process. A half-set environment is an error naming what is missing.
+    """
+    env = os.environ if env is None else env
+    present = [name for name in LAUNCHER_VARIABLES if name in env]
+    if not present:
+        return Place()
+    missing = [name for name in LAUNCHER_VARIABLES if name not in env]
+    if missing:
+        raise UserError(f"the distributed environment is half set: {', '.join(present)} given but {', '.join(missing)} "
+                        "missing; launch with torchrun (or deepspeed), or unset these variables to run one process")
+    try:
+        place = Place(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+                      world_size=int(env["WORLD_SIZE"]))
+    except ValueError:
+        raise UserError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers, got {env.get('RANK')!r}, "
+                        f"{env.get('LOCAL_RANK')!r}, {env.get('WORLD_SIZE')!r}") from None
+    if not 0 <= place.rank < place.world_size:
+        raise UserError(f"RANK={place.rank} is outside WORLD_SIZE={place.world_size}")
+    return place
+
+
+def device_for(place: Place) -> torch.device:
+    """The rank's CUDA device (by local rank) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(place.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(place: Place, timeout_minutes: float = 30.0) -> None:
+    """Joins the process group (NCCL on CUDA, gloo on CPU) when there is more than one process."""
+    if place.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, rank=place.rank, world_size=place.world_size,
+                            timeout=timedelta(minutes=timeout_minutes))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on at least one (a stop request, for instance)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (one process: `[obj]`)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
