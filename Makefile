@@ -28,6 +28,7 @@ test: venv
 benchmarks: venv
 	@$(PIP_INSTALL) -e ".[bench]" 2>&1 | sed '/is ignored: it is neither/d'
 	$(VENV)/bin/python benchmarks/foundation.py
+	$(VENV)/bin/python benchmarks/train_step.py
 
 clean:
 	rm -rf runs .pytest_cache

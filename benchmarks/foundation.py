@@ -3,10 +3,9 @@
 1. Random 32^3 patch reads from 160x192x128 float32 volumes: our zarr cohort store (reads only the chunks a
    patch overlaps) vs MONAI (LoadImage + RandSpatialCrop) and TorchIO (ScalarImage + UniformSampler) on the
    same volumes saved as NIfTI (.nii.gz, and uncompressed .nii).
-2. Pretraining step throughput: our `train()` loop (logging, schedule, clipping, checkpoint) vs a raw
-   PyTorch loop running the same task on the same batches.
+(Pretraining step throughput against a raw PyTorch loop moved to benchmarks/train_step.py.)
 
-Run:  python benchmarks/foundation.py [--patches 60] [--steps 30]
+Run:  python benchmarks/foundation.py [--patches 60]
 """
 from __future__ import annotations
 
@@ -81,52 +80,10 @@ def patch_benchmarks(folder: Path, store, num_subjects: int, num_patches: int) -
     return results
 
 
-def training_benchmark(steps: int, repeats: int = 3) -> tuple[float, float]:
-    """Median steps/s of our loop and of a raw loop, alternating runs so neither gets the warm machine."""
-    from rafmedia.engine.encoders import create_encoder
-    from rafmedia.engine.tasks import create_task
-    from rafmedia.engine.train import TrainConfig, train
-    from rafmedia.shards.stream import view_batches
-
-    volumes = torch.randn((64, 1, 64, 64, 64), generator=torch.Generator().manual_seed(0))
-
-    def build():
-        torch.manual_seed(0)
-        return create_task("contrastive_two_crop", encoder=create_encoder("cnn3d_small", width=16))
-
-    task = build()
-    batches = view_batches(volumes, task.views, batch_size=16, seed=0)
-    cached = [batches(step) for step in range(steps)]  # both loops get the same precomputed batches
-    config = TrainConfig(steps=steps, batch_size=16, checkpoint_every=0, log_every=10)
-
-    def ours() -> float:
-        with tempfile.TemporaryDirectory() as out:
-            began = time.perf_counter()
-            train(build(), lambda step: cached[step], config=config, out_dir=Path(out), progress=False)
-            return steps / (time.perf_counter() - began)
-
-    def raw() -> float:
-        task = build()
-        optimizer = torch.optim.AdamW(task.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        task.train()
-        began = time.perf_counter()
-        for step in range(steps):
-            loss = task(cached[step])["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return steps / (time.perf_counter() - began)
-
-    raw()  # warm-up: first-call allocations and kernel selection
-    runs = [(ours(), raw()) for _ in range(repeats)]
-    return float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--patches", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,12 +95,6 @@ def main() -> None:
     print("| reader | ms / patch | patches / s | ours speed-up |\n|---|---|---|---|")
     for name, seconds in rows:
         print(f"| {name} | {seconds * 1e3:.1f} | {1 / seconds:.0f} | {seconds / ours:.1f}x |")
-    ours_steps, raw_steps = training_benchmark(args.steps)
-    print(f"\nPretraining steps (contrastive_two_crop, cnn3d_small width 16, 16 pairs of 40^3 crops, {args.steps} steps, "
-          "median of 3 alternating runs; ours includes the LR schedule, gradient clipping, JSONL log and final checkpoint)")
-    print("| loop | steps / s | ours / raw |\n|---|---|---|")
-    print(f"| ours: rafmedia.engine.train | {ours_steps:.2f} | {ours_steps / raw_steps:.2f} |")
-    print(f"| raw PyTorch loop | {raw_steps:.2f} | 1.00 |")
 
 
 if __name__ == "__main__":
