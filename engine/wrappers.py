@@ -14,7 +14,10 @@ All share one small contract, so the loop never names a wrapper:
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +157,14 @@ def import_deepspeed():
                         "(DS_BUILD_OPS=0 pip install deepspeed compiles nothing at install time)") from None
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
     return deepspeed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class DeepSpeedWrapper:
@@ -166,6 +176,10 @@ class DeepSpeedWrapper:
             raise UserError(f"train.zero_stage must be 0, 1, 2 or 3, got {config.zero_stage}")
         if config.precision not in PRECISIONS:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{config.precision}'")
+        if place.world_size == 1:  # DeepSpeed wants a process group even for one process
+            os.environ.update({key: os.environ.get(key, default) for key, default in (
+                ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", str(free_port())))})
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
         self.engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,

@@ -196,3 +196,19 @@ def test_a_half_set_launcher_environment_names_what_is_missing():
     assert (place.rank, place.local_rank, place.world_size) == (1, 1, 2)
     with pytest.raises(UserError, match="RANK, WORLD_SIZE given but MASTER_ADDR, MASTER_PORT missing"):
         place_from_environment({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_deepspeed_in_one_process_follows_the_plain_pytorch_losses(volumes, tmp_path):
+    from rafmedia.shards.stream import view_batches
+
+    runs = {}
+    for wrapper in ("plain", "deepspeed"):
+        task = _rotation_task()
+        runs[wrapper] = train(task, view_batches(volumes, task.views, batch_size=4, seed=0), progress=False,
+                              out_dir=tmp_path / wrapper, config=TrainConfig(
+                                  steps=3, batch_size=4, warmup_steps=1, wrapper=wrapper, zero_stage=2,
+                                  checkpoint_every=2, tensorboard=False))
+    assert runs["deepspeed"].losses == pytest.approx(runs["plain"].losses, abs=1e-5)
+    assert (tmp_path / "deepspeed" / "checkpoints" / "latest_deepspeed.txt").read_text().strip() == "step00000003"
+    saved = [p.name for p in (tmp_path / "deepspeed" / "checkpoints" / "deepspeed").iterdir() if p.is_dir()]
+    assert saved == ["step00000003"]  # the step-2 checkpoint was removed once step 3's was complete
