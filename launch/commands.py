@@ -38,9 +38,12 @@ def run_synth(args: argparse.Namespace) -> Path:
 
 
 def run_pretrain(args: argparse.Namespace) -> Path:
-    from rafmedia.engine.pretrain import pretrain_encoder
+    from rafmedia.engine.pretrain import pretrain_encoder, validate_pretraining
+    from rafmedia.launch.env import export_for_torch, resolve_environment
 
     config = _config(args)
+    validate_pretraining(config.data, config.encoder, config.task, config.train)  # before any file is touched
+    export_for_torch(resolve_environment())  # torchrun, srun, mpirun or one process: the engine reads torchrun's variables
     config.data.cohort = args.cohort or config.data.cohort  # a flag, not an override: paths need no YAML quoting
     if not config.data.cohort:
         raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")

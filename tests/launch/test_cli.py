@@ -23,6 +23,11 @@ def raf(*args, cwd=None):
     (["evaluate", "--cohort", "/no/such/store", "--encoder", "x.safetensors"], "cohort store not found"),
     (["report", "/no/such/folder"], "report.json not found"),
     (["synth", "--config", "nope.yaml"], "config file 'nope.yaml' not found"),
+    (["pretrain", "--cohort", "x", "task.name=mae_3d"], "task 'mae_3d' needs an encoder of family vit, but encoder "
+     "'cnn3d_small' is a cnn; set encoder.name to one of: vit_3d, vit_base_3d, vit_small_3d, vit_tiny_3d"),
+    (["pretrain", "--cohort", "x", "task.name=contrastive_paired"], "set data.channels to the two channel names"),
+    (["pretrain", "--cohort", "x", "train.wrapper=horovod"], "unknown training wrapper 'horovod'"),
+    (["pretrain", "--cohort", "x", "data.source=s3"], "data.source must be 'memory' or 'stream'"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path):
     result = raf(*args, cwd=tmp_path)
