@@ -87,8 +87,8 @@ class StreamBatches:
         except StopIteration:
             raise UserError("the patch stream ended before training did; build it with epochs=None (endless)") from None
         volumes = self.input(item)
-        if self.normalize:
-            volumes = normalize_intensity(volumes)
+        if self.normalize:  # each channel of each patch on its own, as the in-memory path z-scores each volume
+            volumes = normalize_intensity(volumes.flatten(0, 1).unsqueeze(1)).view(volumes.shape)
         return self.views(volumes, view_generator(self.seed, self.loader.consumed - 1, self.rank))
 
     def state_dict(self) -> dict[str, Any]:

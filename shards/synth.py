@@ -11,6 +11,12 @@ generated. Each subject has:
 - a per-site acquisition profile: blur (resolution), gamma (contrast), a smooth multiplicative bias field,
   then additive Gaussian noise of exactly `noise_std` (measurable in the air around the body).
 
+Optionally (`paired_channel`), each subject also gets a second acquisition stored as that channel on the same
+grid, for paired pretraining (end-inhale/end-exhale CT, T1/PET): the same anatomy with another tissue contrast
+(`PAIRED_TISSUE_INTENSITY`), a small smooth breathing-like deformation (at most `paired_displacement` voxels),
+its own bias field and independent noise of the site's `noise_std`. Its draws come from their own generator,
+so "image" and the label map are the same with or without it.
+
 Planted biases come from the config (a noisy site, an under-represented sex via `sex_ratio`, a disease
 prevalence per site) and are applied with exact counts; what was planted is written to `planted.json`.
 Every random choice comes from `numpy.random.default_rng` seeded with (seed, purpose, subject index), so
@@ -37,6 +43,9 @@ from rafmedia.shards.store import CohortStore, StoreConfig
 
 LABELS = {"background": 0, "body": 1, "heart": 2, "liver": 3, "kidney": 4, "lesion": 5}
 TISSUE_INTENSITY = {"body": 0.30, "heart": 0.62, "liver": 0.48, "kidney": 0.72, "lesion": 0.85}
+# The optional second acquisition's contrast: another tissue ordering (as T2 is to T1), so a voxel-wise copy of
+# "image" cannot be the answer to a paired pretext task; only the shared anatomy links the two.
+PAIRED_TISSUE_INTENSITY = {"body": 0.55, "heart": 0.25, "liver": 0.40, "kidney": 0.15, "lesion": 0.75}
 SEVERITY_BINS = (1.25, 1.35)  # enlargement ratio thresholds between severities 1|2 and 2|3
 VOXEL_SPACING_MM = 3.0
 
@@ -57,7 +66,13 @@ class SiteProfile:
 
 @dataclass
 class CohortConfig:
-    """The synthetic cohort: size, demographics and sites (each with planted acquisition biases)."""
+    """The synthetic cohort: size, demographics and sites (each with planted acquisition biases).
+
+    `paired_channel`: None (default) for one channel, "image"; a name (e.g. "exhale") adds a second acquisition
+    of each subject under that channel name (see the module docstring), at most `paired_displacement` voxels
+    away from "image" anywhere. Typed `Any` because the config loader coerces no `str | None`; `validate`
+    checks it.
+    """
 
     name: str = "synthetic"
     num_subjects: int = 200
@@ -71,6 +86,8 @@ class CohortConfig:
     max_lesions: int = 3
     workers: int = 2
     sites: list[SiteProfile] = field(default_factory=lambda: [SiteProfile()])
+    paired_channel: Any = None  # None, or the channel name of a second acquisition of each subject
+    paired_displacement: float = 2.0  # voxels: the largest displacement of the paired channel's deformation
 
     def validate(self) -> None:
         if self.num_subjects < 2:
@@ -89,6 +106,13 @@ class CohortConfig:
                 raise UserError(f"cohort.sites.{index}.disease_prevalence must be in [0, 1], got {site.disease_prevalence}")
             if site.weight <= 0 or site.noise_std < 0 or site.gamma <= 0:
                 raise UserError(f"cohort.sites.{index} ({site.name}): weight and gamma must be > 0, noise_std >= 0")
+        if self.paired_channel is not None and (not isinstance(self.paired_channel, str) or not self.paired_channel
+                                                or self.paired_channel == "image"):
+            raise UserError(f"cohort.paired_channel must be null or a channel name other than 'image', got "
+                            f"{self.paired_channel!r}; e.g. cohort.paired_channel=exhale")
+        if not 0 <= self.paired_displacement <= min(self.shape) / 8:
+            raise UserError(f"cohort.paired_displacement must be in [0, {min(self.shape) / 8:g}] voxels (an eighth "
+                            f"of the smallest side), got {self.paired_displacement}")
 
 
 # ---- cohort-level assignment (exact counts) ------------------------------------------------------
@@ -154,6 +178,12 @@ def _ellipsoid(points: np.ndarray, center, semi_axes, wobble: np.ndarray) -> np.
 
 def render_subject(subject: dict[str, Any], config: CohortConfig, site: SiteProfile):
     """Renders one subject. Returns (image float32, label uint8, truth dict)."""
+    image, label, truth, _ = _render_subject(subject, config, site)
+    return image, label, truth
+
+
+def _render_subject(subject: dict[str, Any], config: CohortConfig, site: SiteProfile):
+    """`render_subject`, plus the tissue texture the paired acquisition shares (same anatomy)."""
     rng = np.random.default_rng([config.seed, 1, subject["index"]])
     shape = tuple(config.shape)
     grid = _grid(shape)
@@ -184,11 +214,41 @@ def render_subject(subject: dict[str, Any], config: CohortConfig, site: SiteProf
     # Tissue texture: stationary correlated noise with the same spectrum for every subject. (A texture built
     # from per-subject random waves made a fingerprint that contrastive pretraining matched instead of anatomy.)
     texture = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=1.5)
-    image += (label > 0) * texture * (0.02 / max(float(texture.std()), 1e-6))
+    tissue_texture = (label > 0) * texture * (0.02 / max(float(texture.std()), 1e-6))
+    image += tissue_texture
     image = acquire(image, site, rng, grid)
     truth = {"heart_scale": float(heart_scale), "body_scale": float(body_scale), "lesions": lesions,
              "heart_voxels": int((label == LABELS["heart"]).sum())}
-    return image, label, truth
+    return image, label, truth, tissue_texture
+
+
+def breathing_displacement(rng: np.random.Generator, grid: np.ndarray, max_voxels: float) -> np.ndarray:
+    """A smooth displacement field (3, D, H, W) in voxels, mostly along axis 0 (as breathing moves organs along
+    the body axis), whose largest length is `max_voxels` * U(0.5, 1)."""
+    weights = (1.0, 0.3, 0.3)
+    fields = np.stack([smooth_field(rng, grid, num_waves=3, max_frequency=1.0) * w for w in weights])
+    largest = float(np.sqrt((fields**2).sum(axis=0)).max())
+    return fields * np.float32(max_voxels * rng.uniform(0.5, 1.0) / max(largest, 1e-6))
+
+
+def render_paired_acquisition(subject: dict[str, Any], config: CohortConfig, site: SiteProfile, label: np.ndarray,
+                              tissue_texture: np.ndarray) -> tuple[np.ndarray, float]:
+    """The second acquisition of a subject rendered by `_render_subject`: its label map and tissue texture in
+    the `PAIRED_TISSUE_INTENSITY` contrast, deformed, then acquired by the same site with fresh draws.
+
+    Every draw comes from its own generator (purpose 2), so "image" is unchanged. Returns (image float32, the
+    largest displacement in voxels).
+    """
+    rng = np.random.default_rng([config.seed, 2, subject["index"]])
+    grid = _grid(label.shape)
+    clean = np.zeros(label.shape, dtype=np.float32)
+    for name, intensity in PAIRED_TISSUE_INTENSITY.items():
+        clean[label == LABELS[name]] = intensity
+    clean += tissue_texture
+    displacement = breathing_displacement(rng, grid, config.paired_displacement)
+    coordinates = np.indices(label.shape, dtype=np.float32) + displacement
+    moved = ndimage.map_coordinates(clean, coordinates, order=1, mode="nearest").astype(np.float32)
+    return acquire(moved, site, rng, grid), float(np.sqrt((displacement**2).sum(axis=0)).max())
 
 
 def _add_lesions(rng: np.random.Generator, label: np.ndarray, config: CohortConfig) -> list[dict[str, Any]]:
@@ -225,13 +285,18 @@ def acquire(image: np.ndarray, site: SiteProfile, rng: np.random.Generator, grid
 def _write_one(store_path: str, subject: dict[str, Any], config: CohortConfig) -> dict[str, Any]:
     store = CohortStore(store_path)
     site = next(s for s in config.sites if s.name == subject["site"])
-    image, label, truth = render_subject(subject, config, site)
+    image, label, truth, tissue_texture = _render_subject(subject, config, site)
+    channels = {"image": image}
+    if config.paired_channel is not None:
+        channels[config.paired_channel], displacement = render_paired_acquisition(subject, config, site, label,
+                                                                                  tissue_texture)
+        truth["paired_displacement"] = round(displacement, 4)
     metadata = {key: subject[key] for key in ("site", "scanner", "sex", "age", "disease", "severity")}
-    store.write_subject(subject["subject_id"], channels={"image": image}, label=label, attrs={
+    store.write_subject(subject["subject_id"], channels=channels, label=label, attrs={
         "metadata": metadata, "spacing": [VOXEL_SPACING_MM] * 3, "origin": [0.0] * 3,
         "direction": np.eye(3).ravel().tolist(), "provenance": {"source": "rafmedia.shards.synth", "seed": config.seed},
         "truth": {**truth, "enlargement": subject["enlargement"]}})
-    return _manifest_row(subject, metadata, image, label, len(truth["lesions"]))
+    return _manifest_row(subject, metadata, channels, label, len(truth["lesions"]))
 
 
 def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str | Path,
@@ -279,11 +344,14 @@ def _check_same_recipe(store: CohortStore, config: CohortConfig) -> None:
     """Resuming is only safe with the config that started the store; anything else would mix two cohorts."""
     recipe = json.loads(json.dumps(asdict(config)))
     recipe.pop("workers")  # the number of processes does not change the cohort
+    if recipe["paired_channel"] is None:  # stores made before the paired channel existed keep resuming
+        recipe.pop("paired_channel")
+        recipe.pop("paired_displacement")
     existing = store.attrs().get("synth_config")
     if existing is None:
         store.update_attrs({"synth_config": recipe})
     elif existing != recipe:
-        changed = sorted(key for key in recipe if recipe[key] != existing.get(key))
+        changed = sorted(key for key in recipe.keys() | existing.keys() if recipe.get(key) != existing.get(key))
         raise UserError(f"{store.path} was generated with a different cohort config (changed: {', '.join(changed)}); "
                         "pass --overwrite to regenerate it, or choose another --out")
 
@@ -307,14 +375,15 @@ def single_threaded_children():
 def _row_from_store(store: CohortStore, subject: dict[str, Any]) -> dict[str, Any]:
     subject_id = subject["subject_id"]
     attrs = store.subject_attrs(subject_id)
-    return _manifest_row(subject, attrs["metadata"], store.read(subject_id), store.read_label(subject_id),
+    channels = {name: store.read(subject_id, name) for name in attrs.get("channels", ["image"])}
+    return _manifest_row(subject, attrs["metadata"], channels, store.read_label(subject_id),
                          len(attrs["truth"]["lesions"]))
 
 
-def _manifest_row(subject: dict[str, Any], metadata: dict[str, Any], image: np.ndarray, label: np.ndarray,
-                  num_lesions: int) -> dict[str, Any]:
+def _manifest_row(subject: dict[str, Any], metadata: dict[str, Any], channels: dict[str, np.ndarray],
+                  label: np.ndarray, num_lesions: int) -> dict[str, Any]:
     truth = {"enlargement": subject["enlargement"], "lesions": num_lesions}
-    return summary_row(subject["subject_id"], metadata={**metadata, **truth}, channels={"image": image}, label=label,
+    return summary_row(subject["subject_id"], metadata={**metadata, **truth}, channels=channels, label=label,
                        spacing=[VOXEL_SPACING_MM] * 3)
 
 

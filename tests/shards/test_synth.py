@@ -111,3 +111,99 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False)
     store = generate_cohort(config, store_config=StoreConfig(), out=tmp_path / "c.zarr", progress=False, overwrite=True)
     assert len(store.subject_ids()) == 6
+
+
+# ---- the optional paired acquisition -------------------------------------------------------------
+def _array_digest(store) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for subject in store.subject_ids():
+        digest.update(np.ascontiguousarray(store.read(subject)).tobytes())
+        digest.update(np.ascontiguousarray(store.read_label(subject)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_default_cohort_is_unchanged_by_the_paired_channel_option(tmp_path):
+    config = small_cohort_config(num_subjects=3, shape=[16, 20, 24])
+    store = generate_cohort(config, store_config=StoreConfig(chunk_size=16), out=tmp_path / "a.zarr", progress=False)
+    # Recorded with the generator as it was before `paired_channel` existed: the default cohort is byte-identical.
+    # (A deliberate change to the generator must update this digest.)
+    assert _array_digest(store) == "8341a8a8bda5c3f2"
+    assert config.paired_channel is None
+    assert "paired_channel" not in store.attrs()["synth_config"]  # stores made before keep resuming
+    assert store.subject_attrs(store.subject_ids()[0])["channels"] == ["image"]
+    # the paired channel draws from its own generator: "image" and the label map stay the same
+    paired = generate_cohort(small_cohort_config(num_subjects=3, shape=[16, 20, 24], paired_channel="exhale"),
+                             store_config=StoreConfig(chunk_size=16), out=tmp_path / "b.zarr", progress=False)
+    assert _array_digest(paired) == "8341a8a8bda5c3f2"
+    with pytest.raises(UserError, match="changed: paired_channel, paired_displacement"):
+        generate_cohort(small_cohort_config(num_subjects=3, shape=[16, 20, 24], paired_channel="exhale"),
+                        store_config=StoreConfig(chunk_size=16), out=tmp_path / "a.zarr", progress=False)
+    with pytest.raises(UserError, match="paired_channel"):
+        small_cohort_config(paired_channel="image").validate()
+    with pytest.raises(UserError, match="paired_displacement"):
+        small_cohort_config(paired_channel="exhale", paired_displacement=9.0).validate()
+
+
+def _paired_cohort(tmp_path, name: str, displacement: float):
+    from rafmedia.shards.synth import SiteProfile
+
+    config = small_cohort_config(num_subjects=4, shape=[40, 40, 40], sites=[SiteProfile(noise_std=0.05)],
+                                 paired_channel="exhale", paired_displacement=displacement)
+    return generate_cohort(config, store_config=StoreConfig(chunk_size=20), out=tmp_path / name, progress=False)
+
+
+def _paired_foreground(volume: np.ndarray) -> np.ndarray:
+    from rafmedia.shards.synth import PAIRED_TISSUE_INTENSITY
+
+    # half the darkest tissue of the paired contrast (kidney), on a lightly smoothed copy (noise 0.05 -> ~0.01)
+    smooth = ndimage.gaussian_filter(volume, 1.0)
+    return ndimage.binary_fill_holes(smooth > 0.5 * min(PAIRED_TISSUE_INTENSITY.values()))
+
+
+def test_paired_channel_is_the_same_anatomy_in_another_contrast_with_independent_noise(tmp_path):
+    from rafmedia.shards.synth import LABELS, PAIRED_TISSUE_INTENSITY
+
+    store = _paired_cohort(tmp_path, "p.zarr", displacement=2.0)
+    paired_table = np.zeros(len(LABELS), dtype=np.float32)
+    for name, intensity in PAIRED_TISSUE_INTENSITY.items():
+        paired_table[LABELS[name]] = intensity
+    row = store.read_manifest()[0]
+    assert float(row["exhale_mean"]) == pytest.approx(store.read(row["subject_id"], "exhale").mean(), abs=1e-5)
+    for subject in store.subject_ids():
+        image, paired, label = store.read(subject), store.read(subject, "exhale"), store.read_label(subject)
+        assert paired.dtype == np.float32 and paired.shape == image.shape
+        # Same anatomy: mapping the label map through the paired contrast predicts the paired channel, inside
+        # each structure away from its border (the deformation moves borders by up to 2 voxels).
+        interior = np.zeros(label.shape, dtype=bool)
+        for value in range(len(LABELS)):
+            interior |= ndimage.binary_erosion(label == value, iterations=3)
+        undone = np.corrcoef(paired_table[label][interior], paired[interior])[0, 1]
+        raw = np.corrcoef(image[interior], paired[interior])[0, 1]
+        assert undone > 0.93, (subject, undone)
+        assert raw < undone - 0.05, (subject, raw, undone)  # another contrast, not a copy of "image"
+        assert np.abs(image - paired)[label > 0].mean() > 0.1
+        # Independent noise of the site's level, measured in air far from the body (signal exactly 0 there).
+        far_air = ~ndimage.binary_dilation(label > 0, iterations=7)
+        assert far_air.sum() > 20_000
+        assert abs(paired[far_air].std() / 0.05 - 1) < 0.05, paired[far_air].std()
+        assert abs(np.corrcoef(image[far_air], paired[far_air])[0, 1]) < 0.03
+
+
+def test_paired_channel_deformation_is_present_and_bounded(tmp_path):
+    store = _paired_cohort(tmp_path, "p.zarr", displacement=2.0)
+    # Without the deformation every draw is the same (the displacement's draws come first and their number does
+    # not depend on its size), so the two cohorts' paired channels differ by the deformation alone.
+    still = _paired_cohort(tmp_path, "s.zarr", displacement=0.0)
+    for subject in store.subject_ids():
+        recorded = store.subject_attrs(subject)["truth"]["paired_displacement"]
+        assert 1.0 <= recorded <= 2.0  # max_voxels * U(0.5, 1)
+        assert still.subject_attrs(subject)["truth"]["paired_displacement"] == 0.0
+        moved = _paired_foreground(store.read(subject, "exhale"))
+        fixed = _paired_foreground(still.read(subject, "exhale"))
+        # present: the body moved by a voxel or more somewhere
+        assert (moved != fixed).sum() > 100, (moved != fixed).sum()
+        # bounded: each body lies within 2 voxels (+1 for the interpolated border) of the other
+        for a, b in ((moved, fixed), (fixed, moved)):
+            assert not (a & ~ndimage.binary_dilation(b, iterations=3)).any()
