@@ -80,13 +80,14 @@ def pretrain_encoder(*, data: DataConfig, encoder: EncoderConfig, task: TaskConf
     weights = out_dir / ENCODER_FILE
     if place.is_main:
         store = CohortStore(data.cohort)
-        export_encoder(result.ema if result.ema is not None else model, weights, architecture=encoder.name,
+        exported = pretext.exported_encoder() if hasattr(pretext, "exported_encoder") else model
+        export_encoder(result.ema if result.ema is not None else exported, weights, architecture=encoder.name,
                        options=encoder.options, card={
                            "name": f"{task.name} {encoder.name}", "task": task.name, "task_options": task.options,
                            "data": {"cohort": str(store.path), "num_subjects": len(store.subject_ids()),
                                     "input": kind, "channels": data.channels or [data.channel], "source": data.source},
                            "steps": train_config.steps, "train": dataclasses.asdict(train_config),
-                           "weights": "ema" if result.ema is not None else "final",
+                           "weights": "ema" if result.ema is not None else "final" if exported is model else "teacher",
                            "world_size": place.world_size,
                            "final_loss": result.losses[-1] if result.losses else None})
         if hasattr(pretext, "export_extra"):

@@ -3,6 +3,7 @@
 - `task.views`: the view maker the data pipeline must run (a picklable callable);
 - `task(batch)` returns `{"loss": scalar tensor, **logs}` where logs are floats or 0-d tensors;
 - `task.encoder`: the encoder being trained (what gets exported);
+- optionally `task.exported_encoder()`: the module `raf pretrain` exports instead of `task.encoder` (DINO's teacher);
 - optionally `task.on_step_end(step, total_steps)`: called by the trainer after each optimizer step (DINO's
   teacher EMA, for instance). State a task keeps must live in parameters or buffers, so checkpoints carry it.
 

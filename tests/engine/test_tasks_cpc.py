@@ -4,6 +4,8 @@ import pickle
 import pytest
 import torch
 
+from tests.engine.helpers import losses_of, train_briefly
+
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task, list_tasks
 from rafmedia.engine.tasks_cpc import CausalContext, PatchGridViews, cpc_info_nce, patch_grid, triplet_loss
@@ -97,18 +99,7 @@ def test_triplet_loss_matches_hand_computation():
 
 
 def _train(task, volumes, batch_size: int, steps: int) -> list[float]:
-    from rafmedia.shards.stream import view_batches
-
-    batches = view_batches(volumes, task.views, batch_size=batch_size, seed=0)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=2e-3)
-    losses = []
-    for step in range(steps):
-        loss = task(batches(step))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return losses_of(train_briefly(task, volumes, batch_size=batch_size, steps=steps, weight_decay=0.01))
 
 
 def test_cpc_loss_decreases_on_the_synthetic_cohort(small_cohort):

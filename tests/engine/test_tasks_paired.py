@@ -4,6 +4,8 @@ import pickle
 import pytest
 import torch
 
+from tests.engine.helpers import losses_of, train_briefly
+
 import rafmedia.engine.tasks_paired  # noqa: F401  (registers contrastive_paired)
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.errors import UserError
@@ -87,7 +89,7 @@ def test_a_single_channel_input_is_a_user_error_naming_data_channels():
 
 def test_paired_loss_decreases_on_a_synthetic_two_acquisition_cohort(tmp_path):
     from rafmedia.shards.store import StoreConfig
-    from rafmedia.shards.stream import load_volumes, view_batches
+    from rafmedia.shards.stream import load_volumes
     from rafmedia.shards.synth import generate_cohort
     from tests.conftest import small_cohort_config
 
@@ -98,16 +100,8 @@ def test_paired_loss_decreases_on_a_synthetic_two_acquisition_cohort(tmp_path):
     torch.manual_seed(0)
     task = create_task("contrastive_paired", encoder=create_encoder("cnn3d_small", width=8), crop_size=16,
                        temperature=0.1, noise_std=0.1)
-    batches = view_batches(volumes, task.views, batch_size=8, seed=0)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=5e-3)
-    losses, accuracies = [], []
-    for step in range(80):
-        out = task(batches(step))
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        losses.append(out["loss"].item())
-        accuracies.append(out["pair_accuracy"].item())
+    logs = train_briefly(task, volumes, batch_size=8, steps=80, lr=5e-3)
+    losses, accuracies = losses_of(logs), [log["pair_accuracy"] for log in logs]
     start, end = sum(losses[:5]) / 5, sum(losses[-20:]) / 20
     print(f"contrastive_paired loss {start:.3f} -> {end:.3f}, pair accuracy {sum(accuracies[-20:]) / 20:.2f}")
     # chance: each of the 16 views picks its partner among 15 others, log(15) = 2.71

@@ -4,6 +4,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
+from tests.engine.helpers import losses_of, train_briefly
 import torch.nn.functional as F
 
 import rafmedia.engine.tasks_shape  # noqa: F401  (registers shape_prior_dae)
@@ -104,18 +106,7 @@ def test_dice_helpers_match_hand_computation():
 
 
 def _train(task, labels, steps: int, lr: float = 3e-3, batch_size: int = 8) -> list[float]:
-    from rafmedia.shards.stream import view_batches
-
-    batches = view_batches(labels, task.views, batch_size=batch_size, seed=0)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = task(batches(step))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return losses_of(train_briefly(task, labels, batch_size=batch_size, steps=steps, lr=lr))
 
 
 def test_shape_prior_loss_decreases_on_the_synthetic_label_maps(small_cohort):

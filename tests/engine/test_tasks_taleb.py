@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.engine.helpers import losses_of, train_briefly
+
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task, list_tasks
 from rafmedia.engine.tasks_taleb import (NEIGHBOUR_OFFSETS, JigsawViews, RelativePatchViews, hamming_permutation_set,
@@ -129,19 +131,9 @@ def test_both_tasks_are_registered():
 
 
 def _train(task, volumes, steps, batch_size):
-    from rafmedia.shards.stream import view_batches
-
-    batches = view_batches(volumes, task.views, batch_size=batch_size, seed=0)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=2e-3)
-    losses = []
-    for step in range(steps):
-        out = task(batches(step))
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        assert set(out) == {"loss", "accuracy"}
-        losses.append(out["loss"].item())
-    return losses
+    logs = train_briefly(task, volumes, batch_size=batch_size, steps=steps)
+    assert all(set(log) == {"loss", "accuracy"} for log in logs)
+    return losses_of(logs)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+from tests.engine.helpers import losses_of, train_briefly
+
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task, info_nce
 from rafmedia.engine.views import TwoCropViews, crop, random_crop_starts
@@ -45,21 +47,13 @@ def test_crop_extracts_the_requested_block():
 
 
 def test_contrastive_loss_decreases_on_the_synthetic_cohort(small_cohort):
-    from rafmedia.shards.stream import load_volumes, view_batches
+    from rafmedia.shards.stream import load_volumes
 
     store, _ = small_cohort
     volumes = load_volumes(store, store.subject_ids(), progress=False)
     torch.manual_seed(0)
     task = create_task("contrastive_two_crop", encoder=create_encoder("cnn3d_small", width=8), crop_size=24, max_shift=4)
-    batches = view_batches(volumes, task.views, batch_size=12, seed=0)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=2e-3)
-    losses = []
-    for step in range(40):
-        loss = task(batches(step))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_of(train_briefly(task, volumes, batch_size=12, steps=40))
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.2  # chance level is log(23) = 3.1
 
 
