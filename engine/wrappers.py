@@ -115,6 +115,9 @@ class TorchWrapper:
         self.scaler.load_state_dict(state.pop("scaler"))
         return state
 
+    def close(self) -> None:
+        """Nothing to release: the process group belongs to the launcher."""
+
 
 @WRAPPERS.register("plain")
 def plain(task, optimizer, scheduler, config, place: Place, device: torch.device) -> TorchWrapper:
@@ -167,6 +170,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _one_process_environment():
+    """torchrun's variables for a one-process group, set while DeepSpeed starts and then put back."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port())}
+    saved = {key: os.environ.get(key) for key in defaults}
+    os.environ.update({key: saved[key] or value for key, value in defaults.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class DeepSpeedWrapper:
     """A DeepSpeed engine around the task, with our torch AdamW and LR schedule."""
 
@@ -176,14 +196,14 @@ class DeepSpeedWrapper:
             raise UserError(f"train.zero_stage must be 0, 1, 2 or 3, got {config.zero_stage}")
         if config.precision not in PRECISIONS:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{config.precision}'")
-        if place.world_size == 1:  # DeepSpeed wants a process group even for one process
-            os.environ.update({key: os.environ.get(key, default) for key, default in (
-                ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", str(free_port())))})
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False)
-        self.engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(config))
+        # DeepSpeed wants a process group even for one process: it gets one for this run only, and the
+        # process's environment is left as it was found
+        self.owns_group = place.world_size == 1 and not torch.distributed.is_initialized()
+        with _one_process_environment() if self.owns_group else contextlib.nullcontext():
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       auto_mpi_discovery=False)
+            self.engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=deepspeed_config(config))
         self.task, self.scheduler, self.place = task, scheduler, place
         self.dtype = PRECISIONS[config.precision]
 
@@ -227,6 +247,13 @@ class DeepSpeedWrapper:
             raise UserError(f"the DeepSpeed checkpoint {folder / 'deepspeed' / tag} named by {pointer} could not be "
                             "loaded; move the checkpoints folder away to start over")
         return client
+
+    def close(self) -> None:
+        """Ends the one-process group made for DeepSpeed, so that the process is as it was before the run."""
+        if self.owns_group and torch.distributed.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a next run can start
 
 
 @WRAPPERS.register("deepspeed")

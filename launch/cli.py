@@ -87,6 +87,19 @@ EXAMPLES = {
     "quickstart": """examples:
   raf quickstart                          # about 3 minutes on 2 CPU cores, into runs/quickstart
   raf quickstart --config tiny --out runs/tiny   # the same pipeline in seconds""",
+    "submit": """examples:
+  raf submit pretrain configs/my_run.yaml --out runs/p1 slurm.gpus_per_node=4 slurm.tasks_per_node=4 \\
+      slurm.partition=gpu slurm.time_min=720 train.wrapper=ddp
+  raf submit evaluate configs/eval.yaml --encoder 'runs/*/encoder.safetensors' --cohort runs/siteA --cohort runs/siteB
+      (one array task per checkpoint x cohort; slurm.array_parallelism of them at once)
+  raf submit pretrain configs/tiny.yaml --cohort runs/synth --wait     # block until it finishes
+  Resources: the slurm section of the config (nodes, tasks_per_node, gpus_per_node, cpus_per_task, mem_gb,
+  time_min, partition, account, qos, constraint, sbatch: {any: option}, setup: [module load ...]).
+  Preemption or the time limit: the job saves a checkpoint, requeues itself and resumes.""",
+    "jobs": """examples:
+  raf jobs                      # the jobs submitted from this project (slurm.folder/jobs.jsonl), with their state
+  raf jobs --tail 1234          # the last lines of job 1234's stdout and stderr (every array task)
+  raf jobs --cancel 1234""",
     "alter preview": """examples:
   raf alter preview runs/synth --out grid.png                     # first subject of a store, every alteration
   raf alter preview runs/synth/cohort.zarr:sub-0003 --out grid.png --alterations rotation,elastic,gamma
@@ -109,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = RafArgumentParser(prog="raf", description="rafmedia: SSL pretraining of 3D encoders and robustness/fairness "
                                "(RAF) evaluation. Start with `raf quickstart`.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"rafmedia {launch.__version__}")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RafArgumentParser)
     formatter = argparse.RawDescriptionHelpFormatter
 
@@ -245,6 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--max-size", type=int, default=128, metavar="N",
                          help="resample so that no side exceeds N voxels (default: 128)")
 
+    submit = commands.add_parser(
+        "submit", help="run pretrain or evaluate as a SLURM job (submitit): requeued and resumed on preemption",
+        description="Submit `raf pretrain` or `raf evaluate` with CONFIG as a SLURM job through submitit. Resources come "
+        "from the config's slurm section; every task of the job resolves its rank from SLURM. On preemption or at the "
+        "time limit the job checkpoints, requeues itself and resumes. Evaluation over several checkpoints x cohorts "
+        "is one job array.", epilog=EXAMPLES["submit"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
+    submit.add_argument("what", choices=["pretrain", "evaluate"], help="the command to run in the job")
+    submit.add_argument("config_file", metavar="CONFIG", help="YAML config of the run (path or packaged name)")
+    submit.add_argument("--out", metavar="DIR", help="output folder (default: runs/<command>)")
+    submit.add_argument("--cohort", metavar="STORE", action="append", dest="cohort_list", default=[],
+                        help="cohort store; evaluate: repeat for several")
+    submit.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
+                        help="evaluate: exported encoder or glob; repeat for several")
+    submit.add_argument("--wait", action="store_true", help="wait until the job(s) finish; exit 1 if one failed")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+
+    jobs = commands.add_parser("jobs", help="list, tail or cancel the project's SLURM jobs",
+                               description="List the jobs `raf submit` recorded in slurm.folder/jobs.jsonl with their "
+                               "SLURM state (from sacct), print the end of a job's logs, or cancel one.",
+                               epilog=EXAMPLES["jobs"], formatter_class=formatter)
+    jobs.add_argument("-c", "--config", metavar="FILE", help="config whose slurm.folder to read (default: runs/jobs)")
+    jobs.add_argument("--tail", metavar="JOB", help="print the last --lines lines of the job's stdout and stderr")
+    jobs.add_argument("--lines", type=int, default=40, help="lines to print with --tail (default: 40)")
+    jobs.add_argument("--cancel", metavar="JOB", help="scancel the job")
+    jobs.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. slurm.folder=DIR)")
+
     listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
     listing.add_argument("what", choices=sorted(LISTINGS))
     return parser
@@ -255,13 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     from rafmedia.launch import commands
 
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value overrides after options that follow positionals (raf submit pretrain CFG --out X k=v)
+            if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
         if args.command is None:
             build_parser().print_help()
             return 2
         began = time.perf_counter()
         getattr(commands, f"run_{args.command}")(args)
-        if args.command not in ("list", "report"):
+        if args.command not in ("list", "report", "jobs"):
             print(f"done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         return 0
     except UserError as error:

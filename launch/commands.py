@@ -38,6 +38,7 @@ def run_synth(args: argparse.Namespace) -> Path:
 
 
 def run_pretrain(args: argparse.Namespace) -> Path:
+    from rafmedia.engine.distributed import place_from_environment
     from rafmedia.engine.pretrain import pretrain_encoder, validate_pretraining
     from rafmedia.launch.env import export_for_torch, resolve_environment
 
@@ -48,10 +49,13 @@ def run_pretrain(args: argparse.Namespace) -> Path:
     if not config.data.cohort:
         raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
     config.data.cohort = resolve_store(config.data.cohort)
-    write_resolved(config, args.out, ["data", "encoder", "task", "train"])
+    is_main = place_from_environment().is_main  # one rank writes the resolved config and speaks
+    if is_main:
+        write_resolved(config, args.out, ["data", "encoder", "task", "train"])
     weights = pretrain_encoder(data=config.data, encoder=config.encoder, task=config.task, train_config=config.train,
                                out_dir=args.out, progress=not args.quiet)
-    print(f"encoder: {weights}")
+    if is_main:
+        print(f"encoder: {weights}")
     return weights
 
 
@@ -216,3 +220,87 @@ def run_list(args: argparse.Namespace) -> list[str]:
     names = getattr(importlib.import_module(module_name), function_name)()
     print("\n".join(names))
     return names
+
+
+def run_submit(args: argparse.Namespace) -> list:
+    """`raf submit pretrain|evaluate CONFIG`: the same command as a SLURM job (an array for evaluation sweeps)."""
+    from rafmedia.launch.slurm import submit, submit_array, wait_for
+
+    config = load_config(args.config_file, args.overrides)
+    out = Path(args.out or f"runs/{args.what}").resolve()
+    config_file = str(Path(args.config_file).resolve()) if Path(args.config_file).is_file() else args.config_file
+    common = ["--config", config_file, "--quiet", *args.overrides]
+    if args.what == "pretrain":
+        from rafmedia.engine.pretrain import validate_pretraining
+
+        if len(args.cohort_list) > 1:
+            raise UserError("raf submit pretrain takes one --cohort")
+        validate_pretraining(config.data, config.encoder, config.task, config.train)  # refused here, not in the queue
+        cohort = args.cohort_list[0] if args.cohort_list else config.data.cohort
+        if not cohort:
+            raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
+        common += ["--cohort", str(Path(resolve_store(cohort)).resolve())]
+        jobs = [submit(config.slurm, ["pretrain", *common, "--out", str(out)], job_name="raf-pretrain", out=str(out))]
+    else:
+        cells = evaluation_cells(args, config)
+        argvs = [["evaluate", *common, "--cohort", cohort, "--encoder", encoder, "--out", str(out / name)]
+                 for name, encoder, cohort in cells]
+        outs = [str(out / name) for name, _, _ in cells]
+        jobs = (submit_array(config.slurm, argvs, job_name="raf-evaluate", outs=outs) if len(argvs) > 1 else
+                [submit(config.slurm, argvs[0], job_name="raf-evaluate", out=outs[0])])
+    write_resolved(config, out, ["slurm"])
+    for job in jobs:
+        print(f"submitted {args.what} job {job.job_id} (logs: {job.paths.stdout})")
+    print(f"follow with: raf jobs   |   raf jobs --tail {jobs[0].job_id}")
+    if args.wait:
+        wait_for(jobs)
+        print(f"all {len(jobs)} job(s) finished; outputs in {out}")
+    return jobs
+
+
+def evaluation_cells(args: argparse.Namespace, config: RafConfig) -> list[tuple[str, str, str]]:
+    """(name, encoder, cohort) of every checkpoint x cohort cell of an evaluation sweep."""
+    import glob
+
+    encoders = sorted({path for pattern in (args.encoder or config.evaluate.encoders) for path in
+                       (glob.glob(pattern) or [pattern])})
+    cohorts = list(args.cohort_list or ([config.evaluate.cohort] if config.evaluate.cohort else []))
+    if not encoders or not cohorts:
+        raise UserError("nothing to evaluate: give --encoder WEIGHTS (repeatable, globs allowed) and --cohort STORE "
+                        "(repeatable), or evaluate.encoders and evaluate.cohort in the config")
+    cells = []
+    for encoder in encoders:
+        for cohort in cohorts:
+            store = resolve_store(cohort)
+            name = f"{Path(encoder).parent.name}-{Path(encoder).stem}__{Path(store).parent.name}"
+            cells.append((name, str(Path(encoder).resolve()), str(Path(store).resolve())))
+    return cells
+
+
+def run_jobs(args: argparse.Namespace) -> list[dict]:
+    """`raf jobs`: the project's SLURM jobs with their state; --tail JOB prints its logs, --cancel JOB cancels it."""
+    from rafmedia.launch.slurm import cancel, job_states, log_paths, recorded_jobs
+
+    config = _config(args)
+    entries = recorded_jobs(config.slurm.folder)
+    if args.cancel:
+        cancel(args.cancel)
+        print(f"cancelled {args.cancel}")
+        return entries
+    if args.tail:
+        chosen = [entry for entry in entries if entry["job_id"] == args.tail or entry["job_id"].startswith(f"{args.tail}_")]
+        if not chosen:
+            raise UserError(f"job {args.tail} is not in {Path(config.slurm.folder) / 'jobs.jsonl'} (see `raf jobs`)")
+        for entry in chosen:
+            for path in log_paths(entry):
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-args.lines:]
+                print(f"==> {path} <==\n" + "\n".join(lines))
+        return chosen
+    states = job_states([entry["job_id"] for entry in entries])
+    print(f"{'job':<14} {'command':<14} {'state':<12} {'submitted':<20} out")
+    for entry in entries:
+        print(f"{entry['job_id']:<14} {entry['command']:<14} {states[entry['job_id']]:<12} {entry['submitted']:<20} "
+              f"{entry['out']}")
+    if not entries:
+        print(f"(no jobs recorded in {Path(config.slurm.folder) / 'jobs.jsonl'})")
+    return entries

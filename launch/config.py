@@ -27,6 +27,7 @@ from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.stream import DataConfig
 from rafmedia.shards.synth import CohortConfig
 from rafmedia.shards.wds_export import ExportConfig
+from rafmedia.launch.slurm import SlurmConfig
 
 DEFAULT_CONFIG = "default"
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -45,6 +46,7 @@ class RafConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def packaged_configs() -> list[str]:

@@ -89,7 +89,14 @@ def _slurm(env: Mapping[str, str], _: bool) -> JobEnvironment:
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else port_for_job(job)
     return _checked(JobEnvironment("slurm", rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID"),
                                    world_size=_int(env, "SLURM_NTASKS"), node_rank=_int(env, "SLURM_NODEID"),
-                                   master_addr=env.get("MASTER_ADDR") or first_host(nodes), master_port=port))
+                                   master_addr=env.get("MASTER_ADDR") or _slurm_master(env, nodes), master_port=port))
+
+
+def _slurm_master(env: Mapping[str, str], nodes: str) -> str:
+    """Loopback when the whole step runs on one node (no name lookup needed), else the first host of the node list."""
+    if env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES")) == "1":
+        return "127.0.0.1"
+    return first_host(nodes)
 
 
 def _mpi(launcher: str, rank: str, size: str, local: str | None):

@@ -9,12 +9,16 @@
 # env.sh; `source DIR/env.sh` points sbatch/squeue/sacct (and submitit) at this cluster. Nothing is written
 # outside DIR except the packages apt installs. Daemons: munged (as the munge user), MariaDB on 127.0.0.1,
 # slurmdbd, slurmctld, slurmd (as root), each with its PID file in DIR/run.
+# A second cluster on the same machine (the tests start their own) needs other ports and node name:
+#   RAF_SLURM_CTLD_PORT (6817), RAF_SLURM_D_PORT (6818), RAF_SLURM_DBD_PORT (6819), RAF_SLURM_DB_PORT (3307),
+#   RAF_SLURM_NODE (the host name).
 set -euo pipefail
 
 COMMAND=${1:-start}
 DIR=${2:-${RAF_SLURM_DIR:-/tmp/rafmedia-slurm}}
 CLUSTER=rafmedia
 DB_PORT=${RAF_SLURM_DB_PORT:-3307}
+NODE=${RAF_SLURM_NODE:-$(hostname -s)}   # a second cluster on one machine needs its own node name (and ports)
 DAEMONS=(slurmd slurmctld slurmdbd mariadb munged)   # stop order
 
 say() { echo "local_slurm: $*" >&2; }
@@ -82,7 +86,7 @@ JobRequeue=1
 KillWait=10
 MinJobAge=3600
 SchedulerParameters=defer_batch=0
-NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=$NODE NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
     cat >"$DIR/etc/slurmdbd.conf" <<EOF
@@ -109,6 +113,10 @@ EOF
 
 start_munge() {
     pid_alive munged && return 0
+    if ! su -s /bin/sh munge -c "test -x '$DIR'"; then
+        say "the munge user cannot reach $DIR (a parent folder is private); choose a DIR such as /tmp/rafmedia-slurm"
+        exit 2
+    fi
     mkdir -p "$DIR/munge"
     [ -f "$DIR/munge/munge.key" ] || dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1 count=1024 status=none
     chown -R munge:munge "$DIR/munge"
@@ -142,7 +150,7 @@ start_slurm() {
     sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
     pid_alive slurmctld || /usr/sbin/slurmctld -f "$DIR/etc/slurm.conf"
     wait_for 30 slurmctld scontrol ping
-    pid_alive slurmd || /usr/sbin/slurmd -f "$DIR/etc/slurm.conf"
+    pid_alive slurmd || /usr/sbin/slurmd -f "$DIR/etc/slurm.conf" -N "$NODE"
     wait_for 30 "the node to be idle" sh -c "sinfo -h -o %t | grep -q idle"
 }
 
@@ -156,7 +164,25 @@ start() {
     say "up: $(SLURM_CONF=$DIR/etc/slurm.conf sinfo -h -o '%P %D node(s) %c CPUs %t') (source $DIR/env.sh)"
 }
 
+# Step daemons of this cluster's jobs (slurmstepd works in $DIR/log) and everything under them.
+descendants() {
+    local child
+    for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done
+}
+
+job_processes() {
+    local pid cwd
+    for pid in $(pgrep -x slurmstepd || true); do
+        cwd=$(readlink "/proc/$pid/cwd" 2>/dev/null || true)
+        case "$cwd" in "$DIR"/*) echo "$pid"; descendants "$pid" ;; esac
+    done
+}
+
 stop() {
+    if pid_alive slurmctld; then  # end the jobs first, so that no job outlives its cluster
+        SLURM_CONF=$DIR/etc/slurm.conf scancel --full --quiet $(SLURM_CONF=$DIR/etc/slurm.conf squeue -h -o %i) 2>/dev/null || true
+        for _ in $(seq 1 100); do [ -z "$(SLURM_CONF=$DIR/etc/slurm.conf squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
+    fi
     for daemon in "${DAEMONS[@]}"; do
         if pid_alive "$daemon"; then
             kill "$(cat "$(pidfile "$daemon")")"
@@ -165,6 +191,9 @@ stop() {
         fi
         rm -f "$(pidfile "$daemon")"
     done
+    local left
+    left=$(job_processes)
+    if [ -n "$left" ]; then kill -9 $left 2>/dev/null || true; fi
     say "stopped the daemons started in $DIR"
 }
 

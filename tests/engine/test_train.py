@@ -1,5 +1,6 @@
 """The loop: exact resume after a kill, NaN handling, schedule values, export round trip."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,12 @@ def test_bf16_autocast_trains_on_cpu_close_to_fp32(volumes, tmp_path):
         runs[precision] = train(task, view_batches(volumes, task.views, batch_size=4, seed=0), progress=False,
                                 out_dir=tmp_path / precision, config=TrainConfig(
                                     steps=2, batch_size=4, warmup_steps=1, precision=precision, tensorboard=False))
-    assert runs["bf16"].losses != runs["fp32"].losses  # bf16 did run in bf16
-    assert runs["bf16"].losses == pytest.approx(runs["fp32"].losses, abs=0.05)
+    bf16, fp32 = runs["bf16"].losses, runs["fp32"].losses
+    assert bf16[0] != fp32[0]  # bf16 did run in bf16
+    # The first step sees the same weights: only bf16 rounding (8-bit mantissa, 0.4% per op) separates the losses.
+    # Later steps may drift further: Adam's first update is about lr * sign(grad), and bf16 flips some signs.
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
+    assert bf16[1] == pytest.approx(fp32[1], rel=0.1)
 
 
 def test_resuming_with_another_number_of_ranks_is_refused(volumes, tmp_path):
@@ -212,3 +217,38 @@ def test_deepspeed_in_one_process_follows_the_plain_pytorch_losses(volumes, tmp_
     assert (tmp_path / "deepspeed" / "checkpoints" / "latest_deepspeed.txt").read_text().strip() == "step00000003"
     saved = [p.name for p in (tmp_path / "deepspeed" / "checkpoints" / "deepspeed").iterdir() if p.is_dir()]
     assert saved == ["step00000003"]  # the step-2 checkpoint was removed once step 3's was complete
+
+
+def test_one_process_deepspeed_leaves_the_process_as_it_found_it(volumes, tmp_path, monkeypatch):
+    """DeepSpeed needs a process group even for one process; ours lasts for the run only, so that a later
+    launcher (mpirun, a stream reading torchrun's variables) never sees a half-set environment."""
+    import torch.distributed as dist
+
+    from rafmedia.shards.stream import view_batches
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    task = _rotation_task()
+    train(task, view_batches(volumes, task.views, batch_size=2, seed=0), progress=False, out_dir=tmp_path,
+          config=TrainConfig(steps=1, batch_size=2, warmup_steps=0, wrapper="deepspeed", tensorboard=False))
+    assert not dist.is_initialized()
+    assert [key for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if key in os.environ] == []
+    # and a second run in the same process starts DeepSpeed again
+    resumed = train(task, view_batches(volumes, task.views, batch_size=2, seed=0), progress=False, out_dir=tmp_path,
+                    config=TrainConfig(steps=2, batch_size=2, warmup_steps=0, wrapper="deepspeed", tensorboard=False))
+    assert len(resumed.losses) == 1 and not dist.is_initialized()
+
+
+def test_profiling_writes_a_trace_of_the_requested_steps_only(volumes, tmp_path):
+    from rafmedia.shards.stream import view_batches
+
+    task = _rotation_task()
+    train(task, view_batches(volumes, task.views, batch_size=2, seed=0), progress=False, out_dir=tmp_path,
+          config=TrainConfig(steps=6, batch_size=2, warmup_steps=0, tensorboard=False, profile_steps=2,
+                             profile_start=3))
+    traces = list((tmp_path / "profile").glob("rank0*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    steps = sorted({event["name"] for event in events if event.get("name", "").startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#3", "ProfilerStep#4"]  # the 4th and 5th steps of the run, counted from 0
+    assert any(event.get("name") == "aten::convolution" for event in events)  # the encoder's forward is in it

@@ -25,6 +25,7 @@ MPICH = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR"
     (OPENMPI, ("openmpi", 2, 0, 3, 0, "head")),
     (MPICH, ("mpich", 1, 1, 2, 0, "head")),
     ({**SRUN, **TORCHRUN}, ("torchrun", 3, 1, 4, 1, "node07")),  # torchrun inside a SLURM job is torchrun
+    ({**SRUN, "SLURM_STEP_NUM_NODES": "1"}, ("slurm", 5, 1, 8, 2, "127.0.0.1")),  # one node: no name lookup
     ({k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}, ("single", 0, 0, 1, 0, "127.0.0.1")),  # the batch script
 ])
 def test_each_launcher_resolves_to_its_rank_and_master(env, expected):
