@@ -1,11 +1,34 @@
-"""Embedding extraction: batched, no grad, optionally under an alteration, with seeded randomness."""
+"""Embedding extraction: batched, no grad, optionally under an alteration, with seeded randomness.
+
+Three entry points share one preprocessing, [alteration ->] per-volume z-score -> encoder, and return float64:
+
+- `extract_embeddings`: whole volumes, one encoder call per batch of subjects;
+- `extract_patch_embeddings`: volumes larger than the encoder's input, cut into a regular grid of patches
+  (MONAI's `SlidingWindowSplitter`), each patch embedded, patch embeddings pooled (mean or max) per subject;
+- `extract_embeddings_distributed`: every rank embeds subjects i with i % world_size == rank; the shares are
+  gathered by subject index, so every rank gets the one-process result in subject order.
+
+The last two draw the alteration of subject i from a generator seeded with `seed * 1_000_003 + i`, i.e. exactly
+what `extract_embeddings(..., batch_size=1)` draws, whatever the batch size, the rank or the other subjects.
+On CUDA they run the encoder under bf16 autocast (`amp=None` means on for CUDA, off on the CPU).
+"""
 from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from rafmedia.engine.distributed import gather_objects
+from rafmedia.engine.errors import UserError
+from rafmedia.engine.registry import unknown_name_error
 from rafmedia.shards.alterations import Alteration
 from rafmedia.shards.stream import normalize_intensity
+
+PATCH_POOLINGS = ("mean", "max")
+SEED_STRIDE = 1_000_003  # subject i (or batch start i) draws from seed * SEED_STRIDE + i
 
 
 @torch.no_grad()
@@ -13,17 +36,157 @@ def extract_embeddings(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, *,
                        alteration: Alteration | None = None, seed: int = 0) -> np.ndarray:
     """Embeds raw (un-normalised) volumes: [alteration ->] per-volume z-score -> encoder. Returns (N, D) float64.
 
-    The alteration of batch i draws from a generator seeded with (seed, i), so results do not depend on
-    which other subjects are embedded in the same call.
+    The alteration of the batch starting at subject i draws from a generator seeded with (seed, i); with
+    `batch_size=1` that is one generator per subject, as in `extract_patch_embeddings`.
     """
     encoder.eval()
     chunks = []
     for start in range(0, len(volumes_NCDHW), batch_size):
         x_BCDHW = volumes_NCDHW[start:start + batch_size]
         if alteration is not None:
-            x_BCDHW = alteration(x_BCDHW, torch.Generator().manual_seed(seed * 1_000_003 + start))
+            x_BCDHW = alteration(x_BCDHW, torch.Generator().manual_seed(seed * SEED_STRIDE + start))
         chunks.append(encoder(normalize_intensity(x_BCDHW)).double())
     return torch.cat(chunks).numpy()
+
+
+def extract_patch_embeddings(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, *,
+                             patch_size: int | Sequence[int], overlap: float = 0.0, pooling: str = "mean",
+                             batch_size: int = 16, alteration: Alteration | None = None, seed: int = 0,
+                             device: torch.device | str | None = None, amp: bool | None = None,
+                             pad_mode: str = "constant") -> np.ndarray:
+    """Embeds each volume as the pooled embedding of a regular grid of patches. Returns (N, D) float64.
+
+    Each volume is altered (generator seeded with (seed, subject index)) and z-scored as a whole, then cut
+    by `monai.inferers.SlidingWindowSplitter`: patches start at voxel 0 and step by round(patch * (1 - overlap))
+    along each axis. Padding: where the grid does not end exactly on the volume's far edge (or the volume is
+    smaller than a patch), the far end of that axis is padded just enough for the last patch to fit, with
+    `pad_mode` ("constant": zeros, i.e. the volume's mean after the z-score; or "replicate", "reflect").
+    Every grid patch counts equally in the pooling, padded or not; no patch is dropped.
+
+    Args:
+        encoder: a module honouring the encoder contract, whose input size is `patch_size`.
+        volumes_NCDHW: raw volumes (N, C, D, H, W).
+        patch_size: patch edge (int) or (d, h, w).
+        overlap: fraction of a patch shared by neighbouring patches, in [0, 1).
+        pooling: "mean" or "max" of the patch embeddings, per embedding dimension.
+        batch_size: patches per encoder call.
+        alteration, seed: as in `extract_embeddings` with batch_size=1.
+        device: where the encoder runs (it is moved there); None: where its parameters are.
+        amp: bf16 autocast; None = on for CUDA, off on the CPU.
+        pad_mode: `torch.nn.functional.pad` mode for the far-edge padding.
+    """
+    grid = _patch_grid(patch_size, overlap, pooling, pad_mode)
+    return _embed_subjects(encoder, volumes_NCDHW, list(range(len(volumes_NCDHW))), batch_size=batch_size,
+                           alteration=alteration, seed=seed, device=device, amp=amp, grid=grid)
+
+
+def extract_embeddings_distributed(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, *, batch_size: int = 16,
+                                   alteration: Alteration | None = None, seed: int = 0,
+                                   patch_size: int | Sequence[int] | None = None, overlap: float = 0.0,
+                                   pooling: str = "mean", device: torch.device | str | None = None,
+                                   amp: bool | None = None, pad_mode: str = "constant") -> np.ndarray:
+    """Every rank embeds the subjects i with i % world_size == rank; returns all (N, D) float64 on every rank.
+
+    Needs the process group joined (`engine.distributed.init_distributed`); with none it is one process doing
+    all subjects. Whole volumes, or grid patches when `patch_size` is given (`extract_patch_embeddings`).
+    Every rank must pass the same volumes, alteration and seed.
+    """
+    rank, world_size = _rank_and_world_size()
+    grid = None if patch_size is None else _patch_grid(patch_size, overlap, pooling, pad_mode)
+    mine = list(range(rank, len(volumes_NCDHW), world_size))
+    emb_ND = _embed_subjects(encoder, volumes_NCDHW, mine, batch_size=batch_size, alteration=alteration, seed=seed,
+                             device=device, amp=amp, grid=grid)
+    shares = gather_objects((mine, emb_ND))
+    out_ND = np.full((len(volumes_NCDHW), shares[0][1].shape[1]), np.nan)
+    covered = np.zeros(len(volumes_NCDHW), dtype=bool)
+    for indices, share_ND in shares:
+        out_ND[indices] = share_ND
+        covered[indices] = True
+    assert covered.all(), "the ranks' shares must cover every subject"
+    return out_ND
+
+
+# ---- internals --------------------------------------------------------------------------------------
+def _rank_and_world_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _patch_grid(patch_size, overlap: float, pooling: str, pad_mode: str):
+    from monai.inferers import SlidingWindowSplitter
+
+    if pooling not in PATCH_POOLINGS:
+        raise unknown_name_error("patch pooling", pooling, PATCH_POOLINGS)
+    sizes = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(size) for size in patch_size)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise UserError(f"patch_size must be a positive int or three positive ints (d, h, w), got {patch_size!r}")
+    if not 0.0 <= float(overlap) < 1.0:
+        raise UserError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
+    splitter = SlidingWindowSplitter(patch_size=sizes, overlap=float(overlap), pad_mode=pad_mode, pad_value=0.0)
+    return splitter, pooling
+
+
+def _embed_subjects(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, indices: list[int], *, batch_size: int,
+                    alteration: Alteration | None, seed: int, device, amp: bool | None, grid) -> np.ndarray:
+    """Embeds `volumes_NCDHW[indices]`, altering subject i with its own generator; (len(indices), D) float64."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    device = _device(encoder, device)
+    encoder.eval()
+    with torch.no_grad(), _autocast(device, amp):
+        if grid is None:
+            rows = [_encode(encoder, torch.cat([_prepared(volumes_NCDHW, i, alteration, seed) for i in batch]), device)
+                    for batch in _chunks(indices, batch_size)]
+        else:
+            rows = [_pooled_patches(encoder, _prepared(volumes_NCDHW, i, alteration, seed), grid, batch_size,
+                                    device)[None] for i in indices]
+    if not rows:
+        return np.zeros((0, int(encoder.embed_dim)))
+    return torch.cat(rows).numpy()
+
+
+def _prepared(volumes_NCDHW: torch.Tensor, index: int, alteration: Alteration | None, seed: int) -> torch.Tensor:
+    x_1CDHW = volumes_NCDHW[index:index + 1]
+    if alteration is not None:
+        x_1CDHW = alteration(x_1CDHW, torch.Generator().manual_seed(seed * SEED_STRIDE + index))
+    return normalize_intensity(x_1CDHW)
+
+
+def _pooled_patches(encoder: torch.nn.Module, x_1CDHW: torch.Tensor, grid, batch_size: int,
+                    device: torch.device) -> torch.Tensor:
+    splitter, pooling = grid
+    patches_PCDHW = torch.cat([patch for patch, _location in splitter(x_1CDHW)])
+    emb_PD = torch.cat([_encode(encoder, patches_PCDHW[start:start + batch_size], device)
+                        for start in range(0, len(patches_PCDHW), batch_size)])
+    return emb_PD.mean(dim=0) if pooling == "mean" else emb_PD.amax(dim=0)
+
+
+def _encode(encoder: torch.nn.Module, x_BCDHW: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return encoder(x_BCDHW.to(device, non_blocking=True)).double().cpu()
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def _device(encoder: torch.nn.Module, device) -> torch.device:
+    if device is not None:
+        encoder.to(device)
+        return torch.device(device)
+    parameter = next(encoder.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _autocast(device: torch.device, amp: bool | None):
+    """bf16 autocast on CUDA (None = automatic); off on the CPU, where bf16 would only lose precision."""
+    if amp and device.type != "cuda":
+        warnings.warn(f"amp=True is ignored on {device.type}: mixed precision is used on CUDA only", stacklevel=4)
+    if (amp is None or amp) and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def embedding_stability(clean_ND: np.ndarray, altered_ND: np.ndarray) -> dict[str, float]:

@@ -28,8 +28,9 @@ def _bars(ax, labels: list[str], series: dict[str, list[float]], errors: dict[st
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(values), width, label=name,
-               yerr=None if errors is None else errors[name], capsize=3)
+        # report.json stores undefined values (a one-class group's AUROC) as null: drawn as 0 with no error bar
+        ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(np.asarray(values, dtype=float)), width, label=name,
+               yerr=None if errors is None else np.nan_to_num(np.asarray(errors[name], dtype=float)), capsize=3)
     ax.set_xticks(x, labels)
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
@@ -83,6 +84,13 @@ def degradation_figure(report: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def _spread(values: list[float | None]) -> float:
+    """Std over replicates of the defined values (report.json stores an undefined one, a one-class group's AUROC,
+    as null); 0 when fewer than two are defined."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.std(finite)) if len(finite) > 1 else 0.0
+
+
 def group_figure(report: dict[str, Any], attribute: str) -> bytes:
     plt = _pyplot()
     encoders = report["encoders"]
@@ -90,7 +98,7 @@ def group_figure(report: dict[str, Any], attribute: str) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, metric in zip(axes, ("accuracy", "auroc")):
         values = {n: [e["fairness"][attribute]["groups"][g][metric] for g in groups] for n, e in encoders.items()}
-        errors = {n: [np.nanstd(e["fairness"][attribute]["groups"][g][f"{metric}_per_replicate"]) for g in groups]
+        errors = {n: [_spread(e["fairness"][attribute]["groups"][g][f"{metric}_per_replicate"]) for g in groups]
                   for n, e in encoders.items()}
         _bars(ax, groups, values, errors, ylabel=metric)
         ax.set_title(f"{metric} by {attribute} (mean +- std over replicates)")

@@ -1,41 +1,134 @@
-"""The RAF index: one number per encoder and cohort, with its three components, each in [0, 1].
+"""The RAF index: one number per encoder and cohort, from three components in [0, 1], each with a bootstrap interval.
 
-- performance P = clip(2 (AUROC_clean - 0.5), 0, 1): skill above chance of the primary probe on clean scans;
-- robustness R = mean over alterations of sum_s w_s clip((AUROC_{c,s} - 0.5) / (AUROC_clean - 0.5), 0, 1),
-  the severity-weighted share of that skill kept under alteration, with ROOD-MRI weights w_s ~ (2/3)^s;
-- fairness F = clip(1 - max over attributes of the accuracy gap (max_g - min_g), 0, 1);
-- RAF = (P R F)^(1/3), their geometric mean: an encoder must do well on all three to score well.
+With m the task metric of the primary probe on the test split (AUROC by default), c its chance level (0.5 for
+AUROC) and w_s the ROOD-MRI severity weights (2/3)^s normalised to sum to 1:
 
-Components are means over the evaluation's replicates (robustness: over the replicates it was run on).
+- performance   P = clip((m_clean - c) / (1 - c), 0, 1): skill above chance, on a [0, 1] scale;
+- robustness    R = 1 - mean_a D_a with D_a = clip(sum_s w_s max(0, m_clean - m_{a,s}) / (m_clean - c), 0, 1),
+                the severity-weighted share of the clean skill lost under alteration a (0 when there is no skill);
+- fairness      F = 1 - mean_g clip(gap_g / r, 0, 1) over the grouping attributes g, gap_g = max - min over the
+                groups of g of the per-group accuracy, r = 1 the range of accuracy;
+- RAF           = (w_P P + w_R R + w_F F) / (w_P + w_R + w_F), weights from `evaluate.raf_weights` (default 1, 1, 1).
+
+Intervals: one percentile bootstrap over the test subjects (resampled with replacement, jointly for all components,
+so the interval of RAF accounts for their correlation). All components come from the same replicate: the first
+split seed, on which robustness is measured.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping
+
 import numpy as np
 
-from rafmedia.evaluate.metrics import severity_weights
+from rafmedia.engine.errors import UserError
+from rafmedia.evaluate.metrics import compute_auroc, severity_weights
+
+COMPONENTS = ("performance", "robustness", "fairness")
+RAF_FORMULA = ("P = clip((AUROC - 0.5) / 0.5, 0, 1), the primary probe's skill above chance on clean test scans; "
+               "R = 1 - mean over alterations of the severity-weighted share of that skill lost, weights (2/3)^s "
+               "(ROOD-MRI); F = 1 - mean over the group_by attributes of the accuracy gap between groups (max - min); "
+               "RAF = the weighted mean of P, R and F.")
 
 
-def performance_component(clean_auroc: float) -> float:
-    return float(np.clip(2.0 * (clean_auroc - 0.5), 0.0, 1.0)) if np.isfinite(clean_auroc) else 0.0
+@dataclass
+class RafWeights:
+    performance: float = 1.0
+    robustness: float = 1.0
+    fairness: float = 1.0
+
+    def normalised(self) -> np.ndarray:
+        weights = np.array([self.performance, self.robustness, self.fairness], dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise UserError(f"evaluate.raf_weights must be >= 0 and not all 0, got {weights.tolist()}")
+        return weights / weights.sum()
 
 
-def robustness_component(clean_auroc: float, auroc_by_alteration: dict[str, dict[int, float]]) -> float:
-    """Severity-weighted retained skill, averaged over alterations; 0 when there is no clean skill to keep."""
-    skill = clean_auroc - 0.5
-    if not np.isfinite(skill) or skill <= 0 or not auroc_by_alteration:
+def performance_component(metric: float, chance: float = 0.5) -> float:
+    if not np.isfinite(metric):
         return 0.0
-    retained = []
-    for by_severity in auroc_by_alteration.values():
-        severities = sorted(by_severity)
-        kept = np.clip((np.array([by_severity[s] for s in severities]) - 0.5) / skill, 0.0, 1.0)
-        retained.append(float(np.sum(severity_weights(severities) * np.nan_to_num(kept))))
-    return float(np.mean(retained))
+    return float(np.clip((metric - chance) / (1.0 - chance), 0.0, 1.0))
 
 
-def fairness_component(accuracy_gaps: dict[str, float]) -> float:
-    gaps = [gap for gap in accuracy_gaps.values() if np.isfinite(gap)]
-    return float(np.clip(1.0 - max(gaps), 0.0, 1.0)) if gaps else 0.0
+def degradation(clean: float, by_severity: Mapping[int, float], chance: float = 0.5) -> float:
+    """D_a: the severity-weighted loss of the clean skill under one alteration, in [0, 1] (1: all skill lost)."""
+    skill = clean - chance
+    if not np.isfinite(skill) or skill <= 0:
+        return 1.0
+    severities = sorted(by_severity)
+    drops = np.maximum(0.0, clean - np.nan_to_num(np.array([by_severity[s] for s in severities]), nan=chance))
+    return float(np.clip(np.sum(severity_weights(severities) * drops) / skill, 0.0, 1.0))
 
 
-def raf_index(performance: float, robustness: float, fairness: float) -> float:
-    return float(np.cbrt(performance * robustness * fairness))
+def robustness_component(clean: float, metric_by_alteration: Mapping[str, Mapping[int, float]],
+                         chance: float = 0.5) -> float:
+    if not metric_by_alteration:
+        return float("nan")
+    return float(1.0 - np.mean([degradation(clean, by_severity, chance) for by_severity in metric_by_alteration.values()]))
+
+
+def fairness_component(gaps: Mapping[str, float], metric_range: float = 1.0) -> float:
+    finite = [gap for gap in gaps.values() if np.isfinite(gap)]
+    if not finite:
+        return float("nan")
+    return float(1.0 - np.mean(np.clip(np.asarray(finite) / metric_range, 0.0, 1.0)))
+
+
+def raf_index(performance: float, robustness: float, fairness: float, weights: RafWeights | None = None) -> float:
+    """The weighted mean of the components that are defined (a cohort without groups has no F)."""
+    values = np.array([performance, robustness, fairness], dtype=np.float64)
+    w = (weights or RafWeights()).normalised()
+    defined = np.isfinite(values)
+    return float(np.sum(w[defined] * values[defined]) / np.sum(w[defined])) if defined.any() else float("nan")
+
+
+def group_gap(values_N: np.ndarray, groups_N: np.ndarray) -> float:
+    """max - min over groups of the mean of `values_N` (per-subject correctness gives the accuracy gap)."""
+    means = [values_N[groups_N == g].mean() for g in np.unique(groups_N)]
+    return float(max(means) - min(means)) if len(means) > 1 else float("nan")
+
+
+@dataclass
+class RafInputs:
+    """Per-test-subject arrays of one replicate: everything the index and its bootstrap need."""
+
+    labels_N: np.ndarray
+    clean_scores_N: np.ndarray
+    clean_predictions_N: np.ndarray
+    altered_scores: dict[str, dict[int, np.ndarray]]  # alteration -> severity -> scores_N
+    groups: dict[str, np.ndarray]  # attribute -> group label per subject
+
+
+def raf_point(inputs: RafInputs, weights: RafWeights | None = None, idx: np.ndarray | None = None,
+              chance: float = 0.5) -> dict[str, float]:
+    """The components and the index on the subjects `idx` (all when None)."""
+    idx = np.arange(len(inputs.labels_N)) if idx is None else idx
+    y = inputs.labels_N[idx]
+    clean = compute_auroc(inputs.clean_scores_N[idx], y)
+    by_alteration = {name: {s: compute_auroc(scores[idx], y) for s, scores in by_severity.items()}
+                     for name, by_severity in inputs.altered_scores.items()}
+    correct = (inputs.clean_predictions_N[idx] == y).astype(np.float64)
+    gaps = {attribute: group_gap(correct, labels[idx]) for attribute, labels in inputs.groups.items()}
+    out = {"performance": performance_component(clean, chance),
+           "robustness": robustness_component(clean, by_alteration, chance),
+           "fairness": fairness_component(gaps)}
+    out["index"] = raf_index(out["performance"], out["robustness"], out["fairness"], weights)
+    return out
+
+
+def raf_with_intervals(inputs: RafInputs, weights: RafWeights | None = None, *, num_resamples: int = 500,
+                       seed: int = 0, level: float = 0.95) -> dict[str, float | list[float]]:
+    """Point values plus `<component>_ci95` percentile-bootstrap intervals (subjects resampled jointly)."""
+    point = raf_point(inputs, weights)
+    rng = np.random.default_rng(seed)
+    n = len(inputs.labels_N)
+    draws = [raf_point(inputs, weights, rng.integers(0, n, n)) for _ in range(num_resamples)]
+    alpha = (1 - level) / 2
+    out: dict[str, float | list[float]] = dict(point)
+    for key in ("index", *COMPONENTS):
+        values = np.array([draw[key] for draw in draws], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        out[f"{key}_ci95"] = ([float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+                              if len(values) >= num_resamples // 2 else [float("nan"), float("nan")])
+    return out
+

@@ -15,6 +15,7 @@ import numpy as np
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.files import atomic_write_bytes, atomic_write_text, read_json
 from rafmedia.evaluate import figures
+from rafmedia.evaluate.raf import RAF_FORMULA
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -68,15 +69,20 @@ def _planted_section(report: dict[str, Any]) -> str:
             + (f"<ul>{''.join(checks)}</ul>" if checks else ""))
 
 
+def _with_interval(values: dict[str, Any], key: str) -> str:
+    low, high = values.get(f"{key}_ci95", [None, None])
+    return f"{_fmt(values[key])} [{_fmt(low)}, {_fmt(high)}]"
+
+
 def _raf_section(report: dict[str, Any]) -> str:
     encoders = report["encoders"]
     return "".join([
         "<h2>RAF index</h2>",
         _table(["encoder", "RAF index", "performance", "robustness", "fairness"],
-               [[n, e["raf"]["index"], e["raf"]["performance"], e["raf"]["robustness"], e["raf"]["fairness"]]
+               [[n, *[_with_interval(e["raf"], key) for key in ("index", "performance", "robustness", "fairness")]]
                 for n, e in encoders.items()]),
-        "<p class='note'>performance = clip(2(AUROC-0.5)); robustness = severity-weighted share of clean skill kept "
-        "under alterations (weights (2/3)^s); fairness = 1 - largest accuracy gap between groups; index = geometric mean.</p>",
+        f"<p class='note'>{html.escape(RAF_FORMULA)} Weights: {html.escape(str(report['config']['raf_weights']))}. "
+        "Brackets: 95% bootstrap intervals over the test subjects (first replicate), resampled jointly.</p>",
         _img(figures.raf_figure(report), "RAF components"),
         "<h2>Scan-level probes (clean)</h2>",
         _table(["encoder", "target", "AUROC mean", "AUROC std", "accuracy mean", "balanced acc."],
@@ -116,6 +122,15 @@ def _fairness_section(report: dict[str, Any], attributes: list[str]) -> str:
             rows.append([name, "<b>gap / worst group</b>", "",
                          f"{_fmt(result['accuracy']['gap'])} / {_fmt(result['accuracy']['worst_group'])}",
                          f"{_fmt(result['auroc']['gap'])} / {_fmt(result['auroc']['worst_group'])}", "", ""])
+            tests = result.get("first_replicate", {})
+            if tests:
+                rows.append([name, "<b>replicate 0: gap (permutation p)</b>", "",
+                             f"{_fmt(tests.get('accuracy_gap'))} (p {_fmt(tests.get('accuracy_gap_p_value'))})",
+                             f"{_fmt(tests.get('auroc_gap'))} (p {_fmt(tests.get('auroc_gap_p_value'))})",
+                             f"DP diff {_fmt(tests.get('demographic_parity_difference'))} (p "
+                             f"{_fmt(tests.get('demographic_parity_p_value'))}); EO diff "
+                             f"{_fmt(tests.get('equalized_odds_difference'))} (p "
+                             f"{_fmt(tests.get('equalized_odds_p_value'))})", ""])
         parts += [f"<h3>by {html.escape(attribute)}</h3>",
                   _table(["encoder", "group", "n test", "accuracy (mean)", "AUROC (mean)",
                           "accuracy, replicate 0 [bootstrap 95% CI]", "note"], rows),
@@ -138,14 +153,15 @@ def _latent_section(report: dict[str, Any], attributes: list[str]) -> str:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    attributes = list(next(iter(report["encoders"].values()))["fairness"])
+    attributes = list(report["config"]["group_by"])
     primary = report["config"]["primary_target"]
     return "\n".join([
         f"<!doctype html><html><head><meta charset='utf-8'><title>rafmedia RAF report</title><style>{STYLE}</style></head><body>",
         "<h1>rafmedia: robustness and fairness report</h1>",
         f"<p class='note'>Cohort: {html.escape(report['cohort']['path'])}. Primary target: <b>{html.escape(primary)}</b>. "
         "Every number is in report.json next to this file.</p>",
-        _raf_section(report), _robustness_section(report), _fairness_section(report, attributes),
+        _raf_section(report), _robustness_section(report),
+        _fairness_section(report, list(next(iter(report["encoders"].values()))["fairness"])),
         _latent_section(report, attributes), _planted_section(report), "</body></html>"])
 
 

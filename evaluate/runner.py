@@ -10,6 +10,8 @@ random baseline is a fresh random initialisation per seed, so its numbers averag
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from rafmedia.engine.distributed import Place, gather_objects, init_distributed, place_from_environment
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import load_encoder
 from rafmedia.evaluate import latent, raf
 from rafmedia.evaluate.embed import embedding_stability, extract_embeddings
-from rafmedia.evaluate.metrics import (bootstrap_ci, compute_accuracy, compute_auroc, compute_balanced_accuracy,
+from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy,
                                        corruption_error, relative_corruption_error, summarize_groups)
 from rafmedia.evaluate.probes import create_probe
+from rafmedia.evaluate.results import CellKey, ResultsStore, jsonable, digest, file_digest
 from rafmedia.shards.alterations import create_alteration, list_alterations
 from rafmedia.shards.store import CohortStore
 from rafmedia.shards.stream import load_volumes
@@ -48,6 +52,11 @@ class EvaluateConfig:
     probe: str = "logistic"
     c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     bootstrap_resamples: int = 500
+    permutations: int = 1000  # label shuffles of each fairness gap's permutation test
+    intersections: bool = True  # also score every pair of group_by attributes ("sex x site")
+    age_bins: list[float] = field(default_factory=lambda: [0, 40, 60, 200])  # bands of an "age" group_by column
+    raf_weights: dict[str, float] = field(default_factory=lambda: {"performance": 1.0, "robustness": 1.0,
+                                                                   "fairness": 1.0})
     batch_size: int = 16
 
     def validate(self) -> None:
@@ -61,6 +70,19 @@ class EvaluateConfig:
             create_alteration(name)  # unknown names raise with "did you mean"
         if not self.seeds:
             raise UserError("evaluate.seeds is empty: give at least one seed")
+        unknown = set(self.raf_weights) - set(raf.COMPONENTS)
+        if unknown:
+            raise UserError(f"evaluate.raf_weights has unknown component(s) {sorted(unknown)}; use "
+                            f"{', '.join(raf.COMPONENTS)}")
+        self.weights().normalised()
+
+    def weights(self) -> raf.RafWeights:
+        return raf.RafWeights(**self.raf_weights)
+
+    def settings_digest(self) -> str:
+        """Every option that changes a cell's numbers (not which encoders or cohorts, nor batch size)."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cohort", "encoders", "batch_size")}
+        return digest(settings)
 
 
 @dataclass
@@ -74,6 +96,7 @@ class EncoderEntry:
     name: str
     source: str
     replicates: list[Replicate]
+    digest: str  # the results store's key of this encoder
 
 
 def binary_labels(rows: list[dict[str, Any]], target: str) -> np.ndarray:
@@ -98,7 +121,8 @@ def build_entries(config: EvaluateConfig) -> list[EncoderEntry]:
     for (path, model, card), name in zip(loaded, names):
         if names.count(name) > 1:
             name = f"{name} ({Path(path).parent.name}/{Path(path).name})"
-        entries.append(EncoderEntry(name=name, source=str(path), replicates=[Replicate(seed, model) for seed in config.seeds]))
+        entries.append(EncoderEntry(name=name, source=str(path), replicates=[Replicate(seed, model) for seed in config.seeds],
+                                    digest=digest(file_digest(path), card.get("architecture"), card.get("options"))))
     if config.random_baseline:
         card = loaded[0][2]
         replicates = []
@@ -106,7 +130,8 @@ def build_entries(config: EvaluateConfig) -> list[EncoderEntry]:
             torch.manual_seed(seed)
             replicates.append(Replicate(seed, create_encoder(card["architecture"], **card.get("options", {})).eval()))
         entries.append(EncoderEntry(name=f"random-init {card['architecture']}", source="random initialisation",
-                                    replicates=replicates))
+                                    replicates=replicates, digest=digest("random-init", card["architecture"],
+                                                                         card.get("options", {}), config.seeds)))
     return entries
 
 
@@ -117,11 +142,22 @@ def split_indices(labels: np.ndarray, *, test_fraction: float, seed: int) -> tup
     return train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
 
 
-def run_evaluation(config: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Scores every encoder of `config` on its cohort; returns the report dictionary."""
-    from tqdm.auto import tqdm
+@dataclass
+class CohortData:
+    """A cohort loaded once for every encoder: manifest rows, raw volumes, labels, the seeded splits, groups."""
 
-    config.validate()
+    store: CohortStore
+    rows: list[dict[str, Any]]
+    volumes: torch.Tensor
+    labels: dict[str, np.ndarray]
+    splits: dict[int, tuple[np.ndarray, np.ndarray]]
+    groups: dict[str, np.ndarray]  # grouping name (attributes and their pairs) -> group label per subject
+    digest: str
+
+
+def load_cohort(config: EvaluateConfig, *, progress: bool) -> CohortData:
+    from rafmedia.evaluate.fairness import group_labels
+
     store = CohortStore(config.cohort)
     rows = store.read_manifest()
     targets = list(dict.fromkeys([config.primary_target, *config.targets]))  # ordered: the report is deterministic
@@ -129,32 +165,77 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True) -> dict[str
         if column not in rows[0]:
             raise UserError(f"column '{column}' is not in {store.path / 'manifest.csv'} (columns: {', '.join(rows[0])})")
     volumes = load_volumes(store, [row["subject_id"] for row in rows], normalize=False, progress=progress)
-    entries = build_entries(config)
     labels = {target: binary_labels(rows, target) for target in targets}
     splits = {seed: split_indices(labels[config.primary_target], test_fraction=config.test_fraction, seed=seed)
               for seed in config.seeds}
+    groups = group_labels(rows, config.group_by, age_bins=config.age_bins, intersections=config.intersections)
+    return CohortData(store, rows, volumes, labels, splits, groups,
+                      digest=digest(store.path.name, (store.path / "manifest.csv").read_text(encoding="utf-8")))
 
-    models = {id(r.model): r.model for entry in entries for r in entry.replicates}
-    clean = {key: extract_embeddings(model, volumes, batch_size=config.batch_size)
-             for key, model in tqdm(models.items(), desc="embed clean", unit="model", disable=not progress)}
 
-    results = {}
-    for entry in entries:
-        fits = fit_probes(entry, clean, labels, splits, config)
-        first = entry.replicates[0]
-        results[entry.name] = {
-            "source": entry.source,
-            "probes": probe_results(fits, labels, config),
-            "fairness": fairness_results(fits, labels[config.primary_target], rows, config),
-            "robustness": robustness_results(fits[(first.seed, config.primary_target)], first.model, volumes,
-                                             clean[id(first.model)], labels[config.primary_target], config,
-                                             progress=progress, desc=entry.name),
-            "latent": latent.latent_results(clean[id(first.model)], rows, config.group_by, seed=first.seed),
-        }
-    add_corruption_errors(results, baseline=entries[-1].name if config.random_baseline else None)
-    for entry_results in results.values():
-        entry_results["raf"] = raf_summary(entry_results, config.primary_target)
-    return {"cohort": cohort_summary(store, rows, config), "config": dataclasses.asdict(config), "encoders": results}
+def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: ResultsStore | None = None,
+                   place: Place | None = None) -> dict[str, Any]:
+    """Scores every encoder of `config` on its cohort; returns the report dictionary.
+
+    Each (encoder, cohort, settings) cell already in `results` is read from it instead of computed, and each
+    computed cell is written to it as soon as it is complete. Under torchrun the cells are shared out among the
+    ranks (cell i on rank i mod world size); every rank returns the whole report.
+    """
+    config.validate()
+    place = place or place_from_environment()
+    init_distributed(place)
+    data = load_cohort(config, progress=progress and place.is_main)
+    entries = build_entries(config)
+    settings = config.settings_digest()
+    mine = {}
+    for index, entry in enumerate(entries):
+        if index % place.world_size != place.rank:
+            continue
+        key = CellKey(entry.digest, data.digest, settings)
+        cached = results.get(key) if results is not None else None
+        if cached is not None:
+            mine[entry.name] = cached.result
+            continue
+        began = time.perf_counter()
+        result = as_json(evaluate_entry(entry, data, config, progress=progress))
+        if results is not None:
+            results.put(key, encoder=entry.name, encoder_source=entry.source, cohort=data.store.path.parent.name,
+                        cohort_path=str(data.store.path), seconds=time.perf_counter() - began, result=result)
+        mine[entry.name] = result
+    gathered = {name: result for part in gather_objects(mine) for name, result in part.items()}
+    scored = {entry.name: gathered[entry.name] for entry in entries}  # in the order the encoders were given
+    add_corruption_errors(scored, baseline=entries[-1].name if config.random_baseline else None)
+    return {"cohort": cohort_summary(data.store, data.rows, config), "config": dataclasses.asdict(config),
+            "encoders": scored}
+
+
+def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig, *, progress: bool) -> dict[str, Any]:
+    """One cell: clean embeddings -> probes per replicate -> fairness -> robustness -> latent tests -> RAF."""
+    clean = {id(r.model): extract_embeddings(r.model, data.volumes, batch_size=config.batch_size)
+             for r in entry.replicates}
+    fits = fit_probes(entry, clean, data.labels, data.splits, config)
+    first = entry.replicates[0]
+    primary = fits[(first.seed, config.primary_target)]
+    y = data.labels[config.primary_target]
+    robustness, altered_scores = robustness_results(primary, first.model, data.volumes, clean[id(first.model)], y,
+                                                    config, progress=progress, desc=entry.name)
+    attributes = {name: labels[primary.test_idx] for name, labels in data.groups.items() if name in config.group_by}
+    inputs = raf.RafInputs(y[primary.test_idx], primary.scores, primary.predictions, altered_scores, attributes)
+    return {
+        "source": entry.source,
+        "probes": probe_results(fits, data.labels, config),
+        "fairness": fairness_results(fits, y, data.groups, config),
+        "robustness": robustness,
+        "latent": latent.latent_results(clean[id(first.model)], data.rows, config.group_by, seed=first.seed,
+                                        ood_split=(primary.train_idx, primary.test_idx)),
+        "raf": raf.raf_with_intervals(inputs, config.weights(), num_resamples=config.bootstrap_resamples,
+                                      seed=first.seed),
+    }
+
+
+def as_json(value: Any) -> Any:
+    """The cell as the results store will return it (plain JSON types), so fresh and stored cells are identical."""
+    return json.loads(json.dumps(value, allow_nan=True, default=jsonable))
 
 
 @dataclass
@@ -201,50 +282,50 @@ def probe_results(fits: dict[tuple[int, str], ProbeFit], labels, config) -> dict
     return out
 
 
-def fairness_results(fits: dict[tuple[int, str], ProbeFit], y: np.ndarray, rows, config) -> dict[str, Any]:
-    """Per-group AUROC and accuracy of the primary probe on each replicate's test split; gaps and worst groups.
+def fairness_results(fits: dict[tuple[int, str], ProbeFit], y: np.ndarray, groups: dict[str, np.ndarray],
+                     config: EvaluateConfig) -> dict[str, Any]:
+    """Per grouping (each attribute and each pair): per-group AUROC and accuracy of the primary probe, means over
+    replicates; on the first replicate, bootstrap CIs, the gaps' permutation p-values, demographic parity and
+    equalised odds differences (`rafmedia.evaluate.fairness`)."""
+    from rafmedia.evaluate.fairness import classification_fairness
 
-    Group values are means over replicates; bootstrap CIs (resampling subjects) are on the first replicate.
-    """
     primary = [fit for (seed, target), fit in fits.items() if target == config.primary_target]
-    per_attribute: dict[str, dict[str, Any]] = {}
-    for attribute in config.group_by:
-        groups = np.array([str(row[attribute]) for row in rows])
+    first = primary[0]
+    out: dict[str, dict[str, Any]] = {}
+    for grouping, labels in groups.items():
+        tests = classification_fairness(y[first.test_idx], first.predictions, first.scores, labels[first.test_idx],
+                                        seed=config.seeds[0], num_resamples=config.bootstrap_resamples,
+                                        num_permutations=config.permutations, min_group_size=config.min_group_size)
         groups_out = {}
-        for group in sorted(set(groups)):
+        for group in sorted(set(labels)):
             aurocs, accuracies, sizes = [], [], []
             for fit in primary:
-                member = groups[fit.test_idx] == group
+                member = labels[fit.test_idx] == group
                 aurocs.append(compute_auroc(fit.scores[member], y[fit.test_idx][member]))
                 accuracies.append(compute_accuracy(fit.predictions[member], y[fit.test_idx][member]))
                 sizes.append(int(member.sum()))
-            first = primary[0]
-            member = groups[first.test_idx] == group
+            replicate0 = {metric: tests[metric]["groups"].get(group, {}) for metric in ("accuracy", "auroc")}
             groups_out[group] = {
                 "n_test": float(np.mean(sizes)), "auroc": _nanmean(aurocs), "accuracy": _nanmean(accuracies),
                 "auroc_per_replicate": aurocs, "accuracy_per_replicate": accuracies,
                 "first_replicate": {"auroc": aurocs[0], "accuracy": accuracies[0],
-                                    "ci95": group_cis(first.scores[member], first.predictions[member],
-                                                      y[first.test_idx][member], config, seed=0)},
+                                    "ci95": {metric: value.get("ci95", [float("nan")] * 2)
+                                             for metric, value in replicate0.items()}},
                 "small_group": bool(np.mean(sizes) < config.min_group_size)}
-        per_attribute[attribute] = {
+        out[grouping] = {
             "groups": groups_out,
             "auroc": summarize_groups({g: v["auroc"] for g, v in groups_out.items()}),
             "accuracy": summarize_groups({g: v["accuracy"] for g, v in groups_out.items()}),
+            "first_replicate": {key: tests[key] for key in (
+                "demographic_parity_difference", "demographic_parity_p_value", "equalized_odds_difference",
+                "equalized_odds_p_value", "accuracy_gap", "accuracy_gap_p_value", "auroc_gap", "auroc_gap_p_value")
+                if key in tests},
         }
-    return per_attribute
-
-
-def group_cis(scores, predictions, labels, config, *, seed: int) -> dict[str, list[float]]:
-    """Bootstrap 95% CIs of a group's AUROC and accuracy, resampling the group's test subjects."""
-    return {"auroc": list(bootstrap_ci(lambda idx: compute_auroc(scores[idx], labels[idx]), len(labels), seed=seed,
-                                       num_resamples=config.bootstrap_resamples)),
-            "accuracy": list(bootstrap_ci(lambda idx: compute_accuracy(predictions[idx], labels[idx]), len(labels),
-                                          seed=seed, num_resamples=config.bootstrap_resamples))}
+    return out
 
 
 def robustness_results(fit: ProbeFit, model, volumes, clean_emb, y, config, *, progress: bool,
-                       desc: str) -> dict[str, Any]:
+                       desc: str) -> tuple[dict[str, Any], dict[str, dict[int, np.ndarray]]]:
     """Probe metrics and embedding stability under every alteration x severity, on the test split.
 
     The probe is the one fitted on clean train embeddings: alterations happen at test time only.
@@ -254,6 +335,7 @@ def robustness_results(fit: ProbeFit, model, volumes, clean_emb, y, config, *, p
     test_idx, y_test = fit.test_idx, y[fit.test_idx]
     out = {"clean": {"auroc": compute_auroc(fit.scores, y_test),
                      "balanced_accuracy": compute_balanced_accuracy(fit.predictions, y_test)}}
+    altered_scores: dict[str, dict[int, np.ndarray]] = {}
     jobs = [(name, severity) for name in config.alterations for severity in config.severities]
     for name, severity in tqdm(jobs, desc=f"alter+embed {desc}", unit="level", disable=not progress):
         alteration = create_alteration(name, severity=severity)
@@ -264,11 +346,16 @@ def robustness_results(fit: ProbeFit, model, volumes, clean_emb, y, config, *, p
                                        "cosine": [], "drift": []})
         record["severity"].append(severity)
         record["parameter"].append(alteration.parameter)
-        record["auroc"].append(compute_auroc(fit.probe.scores(altered), y_test))
+        scores = fit.probe.scores(altered)
+        altered_scores.setdefault(name, {})[severity] = scores
+        record["auroc"].append(compute_auroc(scores, y_test))
         record["balanced_accuracy"].append(compute_balanced_accuracy(fit.probe.predict(altered), y_test))
         record["cosine"].append(stability["cosine"])
         record["drift"].append(stability["drift"])
-    return out
+    for name, by_severity in altered_scores.items():
+        out[name]["degradation"] = raf.degradation(out["clean"]["auroc"], {
+            severity: compute_auroc(scores, y_test) for severity, scores in by_severity.items()})
+    return out, altered_scores
 
 
 def add_corruption_errors(results: dict[str, Any], *, baseline: str | None) -> None:
@@ -287,19 +374,6 @@ def add_corruption_errors(results: dict[str, Any], *, baseline: str | None) -> N
             record["relative_corruption_error"] = relative_corruption_error(
                 errors, 1 - robustness["clean"]["balanced_accuracy"], base_errors, 1 - base["clean"]["balanced_accuracy"])
         entry["baseline"] = baseline
-
-
-def raf_summary(entry: dict[str, Any], primary_target: str) -> dict[str, float]:
-    clean_auroc = entry["probes"][primary_target]["auroc"]["mean"]
-    robustness = entry["robustness"]
-    by_alteration = {name: dict(zip(record["severity"], record["auroc"]))
-                     for name, record in robustness.items() if name != "clean"}
-    gaps = {attribute: result["accuracy"]["gap"] for attribute, result in entry["fairness"].items()}
-    performance = raf.performance_component(clean_auroc)
-    robust = raf.robustness_component(robustness["clean"]["auroc"], by_alteration)
-    fairness = raf.fairness_component(gaps)
-    return {"index": raf.raf_index(performance, robust, fairness), "performance": performance,
-            "robustness": robust, "fairness": fairness}
 
 
 def cohort_summary(store: CohortStore, rows, config: EvaluateConfig) -> dict[str, Any]:

@@ -57,7 +57,14 @@ EXAMPLES = {
     "evaluate": """examples:
   raf evaluate --cohort runs/synth --encoder runs/pretrain/encoder.safetensors --out runs/eval
   raf evaluate --cohort runs/synth --encoder a.safetensors --encoder b.safetensors evaluate.seeds=[0,1,2,3,4]
-  raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site]""",
+  raf evaluate --cohort runs/siteA --cohort runs/siteB --encoder 'runs/*/encoder.safetensors' --out runs/sweep
+      (re-run after adding a checkpoint: only its cells are computed; results in runs/sweep/results.sqlite)
+  torchrun --nproc_per_node 4 -m rafmedia.launch.cli evaluate ...     # cells shared out among 4 ranks
+  raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site,sex,age]
+  raf evaluate ... 'evaluate.raf_weights={performance: 2, robustness: 1, fairness: 1}'""",
+    "leaderboard": """examples:
+  raf leaderboard runs/sweep                     # runs/sweep/results.sqlite -> runs/sweep/leaderboard.{md,csv,html}
+  raf leaderboard 'runs/jobs-*/' --out runs/board   # the stores of several SLURM array tasks""",
     "shards export": """examples:
   raf shards export --cohort runs/synth --out runs/wds                       # whole volumes, 512 MB shards
   raf shards export --cohort runs/synth --out runs/wds-patches export.mode=patches export.patch_size=48 \\
@@ -144,15 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(pretrain, "runs/pretrain")
     pretrain.add_argument("--cohort", metavar="STORE", help="cohort store (or a folder holding cohort.zarr); sets data.cohort")
 
-    evaluate = commands.add_parser("evaluate", help="score encoders for robustness and fairness (RAF) on a cohort",
-                                   description="Embed the cohort with each encoder (and a random-init baseline), fit "
-                                   "linear probes, score robustness under alterations, per-group fairness and latent "
-                                   "bias tests; writes OUT/report.json and OUT/report.html.",
+    evaluate = commands.add_parser("evaluate", help="score encoders for robustness and fairness (RAF) on cohorts",
+                                   description="Embed each cohort with each encoder (and a random-init baseline), fit "
+                                   "probes, score robustness under alterations, per-group fairness with intervals and "
+                                   "permutation tests, latent bias tests and the RAF index. Every (encoder, cohort) cell "
+                                   "is kept in OUT/results.sqlite: a re-run computes only the missing cells. Writes "
+                                   "OUT/report.json, report.html, report.md (one cohort; several: OUT/<cohort>/...) and "
+                                   "OUT/leaderboard.md/.csv/.html. Under torchrun the cells are shared out among ranks.",
                                    epilog=EXAMPLES["evaluate"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(evaluate, "runs/evaluate")
-    evaluate.add_argument("--cohort", metavar="STORE", help="cohort store; sets evaluate.cohort")
+    evaluate.add_argument("--cohort", metavar="STORE", action="append", default=[],
+                          help="cohort store; repeat for several (sets evaluate.cohort)")
     evaluate.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
-                          help="exported encoder (.safetensors with its .card.json); repeat for several")
+                          help="exported encoder (.safetensors with its .card.json) or a quoted glob; repeat for several")
+
+    leaderboard = commands.add_parser(
+        "leaderboard", help="rank the encoders of results stores by RAF index",
+        description="Read the cells of one or more results stores (OUT/results.sqlite of `raf evaluate`, or folders "
+        "holding one; globs allowed), rank the encoders by RAF index per cohort (and by their mean over cohorts), "
+        "print the table and write leaderboard.md, leaderboard.csv and leaderboard.html.",
+        epilog=EXAMPLES["leaderboard"], formatter_class=formatter)
+    leaderboard.add_argument("stores", metavar="STORE", nargs="+", help="results.sqlite, or a folder holding one")
+    leaderboard.add_argument("--out", metavar="DIR", help="where to write the files (default: the first store's folder)")
 
     report = commands.add_parser("report", help="render a results folder to HTML",
                                  description="Render RESULTS/report.json into RESULTS/report.html (self-contained, "
@@ -307,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         began = time.perf_counter()
         getattr(commands, f"run_{args.command}")(args)
-        if args.command not in ("list", "report", "jobs"):
+        if args.command not in ("list", "report", "jobs", "leaderboard"):
             print(f"done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         return 0
     except UserError as error:

@@ -60,24 +60,64 @@ def run_pretrain(args: argparse.Namespace) -> Path:
 
 
 def run_evaluate(args: argparse.Namespace) -> Path:
+    """Every encoder x cohort cell through one results store; a report per cohort; the leaderboard."""
+    from rafmedia.engine.distributed import place_from_environment
     from rafmedia.engine.files import write_json
+    from rafmedia.evaluate.leaderboard import leaderboard_rows, write_leaderboard
     from rafmedia.evaluate.report import REPORT_JSON, render_report
+    from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
     from rafmedia.evaluate.runner import run_evaluation
+    from rafmedia.launch.env import export_for_torch, resolve_environment
 
     config = _config(args)
-    config.evaluate.cohort = args.cohort or config.evaluate.cohort
+    cohorts = [resolve_store(cohort) for cohort in (args.cohort or ([config.evaluate.cohort] if config.evaluate.cohort else []))]
     if args.encoder:
-        config.evaluate.encoders = list(args.encoder)
-    if config.evaluate.cohort:
-        config.evaluate.cohort = resolve_store(config.evaluate.cohort)
+        config.evaluate.encoders = expand_encoders(args.encoder)
+    config.evaluate.cohort = cohorts[0] if cohorts else ""
     config.evaluate.validate()
+    export_for_torch(resolve_environment())  # torchrun / srun / mpirun: the cells are shared out among ranks
+    is_main = place_from_environment().is_main
     out = Path(args.out)
-    write_resolved(config, out, ["evaluate"])
-    report = run_evaluation(config.evaluate, progress=not args.quiet)
-    write_json(out / REPORT_JSON, report)
-    html = render_report(out)
-    print(f"report: {html.resolve()}")
+    results = ResultsStore(out / RESULTS_FILE)
+    if is_main:
+        write_resolved(config, out, ["evaluate"])
+    html = None
+    for cohort in cohorts:
+        config.evaluate.cohort = cohort
+        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results)
+        folder = out if len(cohorts) == 1 else out / Path(cohort).parent.name
+        if is_main:
+            write_json(folder / REPORT_JSON, report)
+            html = render_report(folder)
+            print(f"report: {html.resolve()}")
+    if is_main:
+        files = write_leaderboard(leaderboard_rows([results.path]), out)
+        print(f"leaderboard: {files['md'].resolve()} (results store: {results.path.resolve()})")
     return html
+
+
+def expand_encoders(patterns: list[str]) -> list[str]:
+    """Encoder paths from paths and quoted globs, in the order given; a glob that matches nothing is an error."""
+    import glob
+
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UserError(f"--encoder '{pattern}' matches no file")
+        paths += [path for path in matches if path not in paths]
+    return paths
+
+
+def run_leaderboard(args: argparse.Namespace) -> Path:
+    from rafmedia.evaluate.leaderboard import find_stores, leaderboard_rows, to_markdown, write_leaderboard
+
+    stores = find_stores(args.stores)
+    rows = leaderboard_rows(stores)
+    files = write_leaderboard(rows, Path(args.out) if args.out else stores[0].parent)
+    print(to_markdown(rows))
+    print(f"written: {files['md']}, {files['csv']}, {files['html']}")
+    return files["md"]
 
 
 def run_report(args: argparse.Namespace) -> Path:
@@ -94,7 +134,7 @@ def run_quickstart(args: argparse.Namespace) -> Path:
     common = {"config": args.config, "overrides": args.overrides, "quiet": args.quiet}
     run_synth(argparse.Namespace(**common, out=str(out), overwrite=False))
     weights = run_pretrain(argparse.Namespace(**common, out=str(out / "pretrain"), cohort=str(out / COHORT_STORE)))
-    html = run_evaluate(argparse.Namespace(**common, out=str(out / "evaluate"), cohort=str(out / COHORT_STORE),
+    html = run_evaluate(argparse.Namespace(**common, out=str(out / "evaluate"), cohort=[str(out / COHORT_STORE)],
                                            encoder=[str(weights)]))
     config = _config(argparse.Namespace(**common))
     config.data.cohort = config.evaluate.cohort = str(out / COHORT_STORE)

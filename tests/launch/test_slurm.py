@@ -55,6 +55,9 @@ def release_requeued(job_id: str, env, deadline: float) -> None:
         state = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job_id], env=env, capture_output=True,
                                text=True).stdout.strip()
         if state == "PENDING":
+            # slurmd revokes the old run's credential with one-second resolution: a new run started within the
+            # same second is refused ("Job credential revoked") and the job fails. SLURM's own delay avoids it.
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
             return
         time.sleep(0.2)

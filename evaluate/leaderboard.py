@@ -1,0 +1,107 @@
+"""`raf leaderboard`: the encoders of one or more results stores ranked by RAF index, as Markdown, CSV and HTML."""
+from __future__ import annotations
+
+import csv
+import glob
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rafmedia.engine.errors import UserError
+from rafmedia.engine.files import atomic_write_text
+from rafmedia.evaluate.raf import COMPONENTS, RAF_FORMULA
+from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
+
+COLUMNS = ["rank", "encoder", "cohort", "RAF", "RAF 95% CI", "performance", "robustness", "fairness", "source"]
+
+
+def find_stores(patterns: list[str]) -> list[Path]:
+    """results.sqlite files named by paths, folders holding one, or globs of either."""
+    found: list[Path] = []
+    for pattern in patterns:
+        for match in sorted(glob.glob(pattern)) or [pattern]:
+            path = Path(match)
+            path = path / RESULTS_FILE if path.is_dir() else path
+            if not path.is_file():
+                raise UserError(f"no results store at {path}: give OUT/{RESULTS_FILE} of a `raf evaluate` run, or its folder")
+            if path not in found:
+                found.append(path)
+    return found
+
+
+def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
+    """One row per (encoder, cohort) cell, ranked within each cohort by RAF index (best first); then one
+    "all cohorts" row per encoder scored on every cohort, with the mean of its indices."""
+    cells = [cell for path in stores for cell in ResultsStore(path).cells()]
+    if not cells:
+        raise UserError(f"the results store(s) {', '.join(map(str, stores))} hold no cells yet")
+    latest = {}
+    for cell in cells:  # a cell recomputed with other settings replaces the older one in the table
+        latest[(cell.encoder, cell.cohort)] = cell
+    rows = [{"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source,
+             "RAF": cell.result["raf"]["index"], "RAF 95% CI": cell.result["raf"].get("index_ci95"),
+             **{name: cell.result["raf"][name] for name in COMPONENTS}} for cell in latest.values()]
+    cohorts = sorted({row["cohort"] for row in rows})
+    if len(cohorts) > 1:
+        for encoder in sorted({row["encoder"] for row in rows}):
+            mine = [row for row in rows if row["encoder"] == encoder]
+            if len(mine) == len(cohorts):
+                rows.append({"encoder": encoder, "cohort": "all cohorts (mean)", "source": mine[0]["source"],
+                             "RAF 95% CI": None, **{key: float(np.mean([row[key] for row in mine]))
+                                                    for key in ("RAF", *COMPONENTS)}})
+    ranked = []
+    for cohort in sorted({row["cohort"] for row in rows}, key=lambda c: (c.startswith("all cohorts"), c)):
+        group = sorted((row for row in rows if row["cohort"] == cohort), key=lambda row: -_sortable(row["RAF"]))
+        ranked += [{"rank": rank, **row} for rank, row in enumerate(group, start=1)]
+    return ranked
+
+
+def _sortable(value: float) -> float:
+    return value if value is not None and np.isfinite(value) else -np.inf
+
+
+def _cell_text(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if column == "RAF 95% CI":
+        return "" if not value else f"[{value[0]:.3f}, {value[1]:.3f}]"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell_text(row, column) for column in COLUMNS) + " |" for row in rows]
+    return "# RAF leaderboard\n\n" + "\n".join(lines) + f"\n\n{RAF_FORMULA}\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*COLUMNS[:4], "RAF CI low", "RAF CI high", *COLUMNS[5:]])
+    for row in rows:
+        low, high = row.get("RAF 95% CI") or ("", "")
+        writer.writerow([row["rank"], row["encoder"], row["cohort"], row["RAF"], low, high,
+                         *[row[column] for column in COLUMNS[5:]]])
+    return buffer.getvalue()
+
+
+def to_html(rows: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell_text(row, column))}</td>" for column in COLUMNS) + "</tr>"
+                   for row in rows)
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>RAF leaderboard</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:4px 8px;text-align:right}td:nth-child(2),td:nth-child(3),td:last-child{text-align:left}</style>"
+            f"</head><body><h1>RAF leaderboard</h1><table><tr>{head}</tr>{body}</table>"
+            f"<p>{html.escape(RAF_FORMULA)}</p></body></html>")
+
+
+def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return {"md": atomic_write_text(out / "leaderboard.md", to_markdown(rows)),
+            "csv": atomic_write_text(out / "leaderboard.csv", to_csv(rows)),
+            "html": atomic_write_text(out / "leaderboard.html", to_html(rows))}
