@@ -129,6 +129,18 @@ def _patch_grid(patch_size, overlap: float, pooling: str, pad_mode: str):
     return splitter, pooling
 
 
+def embed_subjects(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, indices: Sequence[int], *,
+                   batch_size: int = 16, alteration: Alteration | None = None, seed: int = 0,
+                   patch_size: int | Sequence[int] | None = None, overlap: float = 0.0, pooling: str = "mean",
+                   device: torch.device | str | None = None, amp: bool | None = None) -> np.ndarray:
+    """Embeds the subjects `indices` of `volumes_NCDHW`, subject i altered with its own generator (seed, i), so a
+    subject's embedding does not depend on which others are embedded with it (what a per-subject cache needs).
+    Whole volumes, or the pooled grid patches of `extract_patch_embeddings` when `patch_size` is given."""
+    grid = None if patch_size is None else _patch_grid(patch_size, overlap, pooling, "constant")
+    return _embed_subjects(encoder, volumes_NCDHW, list(indices), batch_size=batch_size, alteration=alteration,
+                           seed=seed, device=device, amp=amp, grid=grid)
+
+
 def _embed_subjects(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, indices: list[int], *, batch_size: int,
                     alteration: Alteration | None, seed: int, device, amp: bool | None, grid) -> np.ndarray:
     """Embeds `volumes_NCDHW[indices]`, altering subject i with its own generator; (len(indices), D) float64."""

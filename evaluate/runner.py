@@ -23,12 +23,15 @@ from rafmedia.engine.distributed import Place, gather_objects, init_distributed,
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import load_encoder
-from rafmedia.evaluate import latent, raf
-from rafmedia.evaluate.embed import embedding_stability, extract_embeddings
+from rafmedia.evaluate import downstream, latent, raf
+from rafmedia.evaluate.cache import CacheKey, EmbeddingCache, cached_embeddings
+from rafmedia.evaluate.embed import embed_subjects, embedding_stability
 from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy,
                                        corruption_error, relative_corruption_error, summarize_groups)
+from rafmedia.evaluate.pixel import SegmentationConfig, segmentation_results
 from rafmedia.evaluate.probes import create_probe
-from rafmedia.evaluate.results import CellKey, ResultsStore, jsonable, digest, file_digest
+from rafmedia.evaluate.robustness import mean_corruption_error
+from rafmedia.evaluate.results import CellKey, ResultsStore, digest, jsonable
 from rafmedia.shards.alterations import create_alteration, list_alterations
 from rafmedia.shards.store import CohortStore
 from rafmedia.shards.stream import load_volumes
@@ -39,7 +42,8 @@ class EvaluateConfig:
     """What to score and how."""
 
     cohort: str = ""  # path of a cohort store
-    encoders: list[str] = field(default_factory=list)  # exported encoders (.safetensors with a .card.json)
+    encoders: list[str] = field(default_factory=list)  # exports (.safetensors + .card.json) or SPEC=WEIGHTS
+    encoder_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # by spec: factory options
     random_baseline: bool = True  # also score a randomly initialised encoder of the same architecture
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one replicate (split, random init) per seed
     test_fraction: float = 0.5
@@ -50,6 +54,9 @@ class EvaluateConfig:
     alterations: list[str] = field(default_factory=lambda: ["gaussian_noise", "bias_field"])
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     probe: str = "logistic"
+    few_shot: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions of the primary target
+    ordinal_targets: list[str] = field(default_factory=list)  # graded columns: ordinal probe, QWK and Spearman
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     bootstrap_resamples: int = 500
     permutations: int = 1000  # label shuffles of each fairness gap's permutation test
@@ -58,6 +65,7 @@ class EvaluateConfig:
     raf_weights: dict[str, float] = field(default_factory=lambda: {"performance": 1.0, "robustness": 1.0,
                                                                    "fairness": 1.0})
     batch_size: int = 16
+    patch_size: int = 0  # > 0: embed each volume as the mean of a grid of patches of this size (large volumes)
 
     def validate(self) -> None:
         if not self.cohort:
@@ -75,6 +83,9 @@ class EvaluateConfig:
             raise UserError(f"evaluate.raf_weights has unknown component(s) {sorted(unknown)}; use "
                             f"{', '.join(raf.COMPONENTS)}")
         self.weights().normalised()
+        self.segmentation.validate()
+        if any(not 0 < fraction <= 1 for fraction in self.few_shot):
+            raise UserError(f"evaluate.few_shot fractions must be in (0, 1], got {self.few_shot}")
 
     def weights(self) -> raf.RafWeights:
         return raf.RafWeights(**self.raf_weights)
@@ -110,29 +121,57 @@ def binary_labels(rows: list[dict[str, Any]], target: str) -> np.ndarray:
     return np.array([levels.index(str(value)) for value in values])
 
 
+def parse_encoder(item: str) -> tuple[str, str | None]:
+    """`SPEC` or `SPEC=WEIGHTS`: an export (`run/encoder.safetensors`), or `timm:NAME=w.safetensors`,
+    `monai:NAME=w.pt`, `package.module:factory=w.safetensors` (`rafmedia.evaluate.encoders`)."""
+    spec, _, weights = item.partition("=")
+    return spec, weights or None
+
+
 def build_entries(config: EvaluateConfig) -> list[EncoderEntry]:
-    """One entry per exported encoder (named by its card; by card and file when cards share a name), plus the
-    random baseline of the first encoder's architecture."""
+    """One entry per encoder (named by its card, else by its spec and weights file; by card and file when names
+    clash), plus the random baseline: the first export's architecture re-initialised per seed, or, with no export,
+    the first encoder's factory without weights."""
+    from rafmedia.evaluate.encoders import load_any_encoder
+
     if len(set(config.encoders)) != len(config.encoders):
         raise UserError(f"an encoder is given twice: {config.encoders}")
-    loaded = [(path, *load_encoder(path)) for path in config.encoders]
-    names = [card.get("name", Path(path).stem) for path, _, card in loaded]
+    loaded = []
+    for item in config.encoders:
+        spec, weights = parse_encoder(item)
+        model, info = load_any_encoder(spec, weights=weights, options=config.encoder_options.get(spec))
+        card = load_encoder(spec)[1] if info["source"] == "rafmedia" else None
+        name = (card or {}).get("name") or (spec if weights is None else f"{spec} ({Path(weights).name})")
+        loaded.append((item, model, info, card, name))
+    names = [name for *_, name in loaded]
     entries = []
-    for (path, model, card), name in zip(loaded, names):
+    for item, model, info, card, name in loaded:
         if names.count(name) > 1:
-            name = f"{name} ({Path(path).parent.name}/{Path(path).name})"
-        entries.append(EncoderEntry(name=name, source=str(path), replicates=[Replicate(seed, model) for seed in config.seeds],
-                                    digest=digest(file_digest(path), card.get("architecture"), card.get("options"))))
+            name = f"{name} ({Path(item).parent.name}/{Path(item).name})"
+        entries.append(EncoderEntry(name=name, source=item, replicates=[Replicate(seed, model) for seed in config.seeds],
+                                    digest=info["digest"]))
     if config.random_baseline:
-        card = loaded[0][2]
+        entries.append(random_baseline(loaded, config))
+    return entries
+
+
+def random_baseline(loaded: list[tuple], config: EvaluateConfig) -> EncoderEntry:
+    cards = [card for _, _, _, card, _ in loaded if card is not None]
+    if cards:
+        card = cards[0]
         replicates = []
         for seed in config.seeds:
             torch.manual_seed(seed)
             replicates.append(Replicate(seed, create_encoder(card["architecture"], **card.get("options", {})).eval()))
-        entries.append(EncoderEntry(name=f"random-init {card['architecture']}", source="random initialisation",
-                                    replicates=replicates, digest=digest("random-init", card["architecture"],
-                                                                         card.get("options", {}), config.seeds)))
-    return entries
+        return EncoderEntry(name=f"random-init {card['architecture']}", source="random initialisation",
+                            replicates=replicates, digest=digest("random-init", card["architecture"],
+                                                                 card.get("options", {}), config.seeds))
+    from rafmedia.evaluate.encoders import load_any_encoder
+
+    spec, _ = parse_encoder(loaded[0][0])
+    model, info = load_any_encoder(spec, options=config.encoder_options.get(spec))  # one fixed initialisation
+    return EncoderEntry(name=f"random-init {spec}", source="random initialisation",
+                        replicates=[Replicate(seed, model) for seed in config.seeds], digest=info["digest"])
 
 
 def split_indices(labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +192,8 @@ class CohortData:
     splits: dict[int, tuple[np.ndarray, np.ndarray]]
     groups: dict[str, np.ndarray]  # grouping name (attributes and their pairs) -> group label per subject
     digest: str
+    label_maps: np.ndarray | None = None  # (N, D, H, W) when evaluate.segmentation is on
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 def load_cohort(config: EvaluateConfig, *, progress: bool) -> CohortData:
@@ -161,7 +202,7 @@ def load_cohort(config: EvaluateConfig, *, progress: bool) -> CohortData:
     store = CohortStore(config.cohort)
     rows = store.read_manifest()
     targets = list(dict.fromkeys([config.primary_target, *config.targets]))  # ordered: the report is deterministic
-    for column in [*targets, *config.group_by]:
+    for column in [*targets, *config.group_by, *config.ordinal_targets]:
         if column not in rows[0]:
             raise UserError(f"column '{column}' is not in {store.path / 'manifest.csv'} (columns: {', '.join(rows[0])})")
     volumes = load_volumes(store, [row["subject_id"] for row in rows], normalize=False, progress=progress)
@@ -169,16 +210,22 @@ def load_cohort(config: EvaluateConfig, *, progress: bool) -> CohortData:
     splits = {seed: split_indices(labels[config.primary_target], test_fraction=config.test_fraction, seed=seed)
               for seed in config.seeds}
     groups = group_labels(rows, config.group_by, age_bins=config.age_bins, intersections=config.intersections)
-    return CohortData(store, rows, volumes, labels, splits, groups,
+    data = CohortData(store, rows, volumes, labels, splits, groups,
                       digest=digest(store.path.name, (store.path / "manifest.csv").read_text(encoding="utf-8")))
+    if config.segmentation.enabled:
+        data.label_maps = load_volumes(store, [row["subject_id"] for row in rows], channel=config.segmentation.channel,
+                                       normalize=False, progress=progress)[:, 0].numpy().astype(np.int64)
+        data.spacing = tuple(float(rows[0].get(f"spacing_{axis}", 1.0) or 1.0) for axis in range(3))
+    return data
 
 
 def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: ResultsStore | None = None,
-                   place: Place | None = None) -> dict[str, Any]:
+                   cache: EmbeddingCache | None = None, place: Place | None = None) -> dict[str, Any]:
     """Scores every encoder of `config` on its cohort; returns the report dictionary.
 
     Each (encoder, cohort, settings) cell already in `results` is read from it instead of computed, and each
-    computed cell is written to it as soon as it is complete. Under torchrun the cells are shared out among the
+    computed cell is written to it as soon as it is complete; `cache` keeps every subject's embeddings, so a cell
+    killed half-way re-embeds nothing it had finished. Under torchrun the cells are shared out among the
     ranks (cell i on rank i mod world size); every rank returns the whole report.
     """
     config.validate()
@@ -197,7 +244,7 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
             mine[entry.name] = cached.result
             continue
         began = time.perf_counter()
-        result = as_json(evaluate_entry(entry, data, config, progress=progress))
+        result = as_json(evaluate_entry(entry, data, config, progress=progress, embed=Embedder(data, config, cache)))
         if results is not None:
             results.put(key, encoder=entry.name, encoder_source=entry.source, cohort=data.store.path.parent.name,
                         cohort_path=str(data.store.path), seconds=time.perf_counter() - began, result=result)
@@ -209,21 +256,64 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
             "encoders": scored}
 
 
-def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig, *, progress: bool) -> dict[str, Any]:
+@dataclass
+class Embedder:
+    """Embeddings of one cohort's subjects through the per-subject cache (when there is one): a killed or repeated
+    evaluation embeds only the (model, subject, alteration, severity) it has not embedded yet."""
+
+    data: CohortData
+    config: EvaluateConfig
+    cache: EmbeddingCache | None = None
+
+    def __call__(self, model, model_digest: str, indices: np.ndarray, *, alteration: str = "clean", severity: int = 0,
+                 seed: int = 0) -> np.ndarray:
+        def compute(keys) -> np.ndarray:
+            wanted = [position[key.subject] for key in keys]
+            altered = None if alteration == "clean" else create_alteration(alteration, severity=severity)
+            return embed_subjects(model, self.data.volumes, wanted, batch_size=self.config.batch_size,
+                                  alteration=altered, seed=seed, patch_size=self.config.patch_size or None)
+
+        subject_ids = [self.data.rows[i]["subject_id"] for i in indices]
+        position = {subject: int(i) for subject, i in zip(subject_ids, indices)}
+        if self.cache is None:
+            return compute([CacheKey(model_digest, "", subject) for subject in subject_ids])
+        keys = [CacheKey(model_digest, self.data.digest, subject, alteration, severity) for subject in subject_ids]
+        return cached_embeddings(self.cache, keys, compute)
+
+
+def model_digests(entry: EncoderEntry) -> dict[int, str]:
+    """Cache key of each replicate's model: the entry's digest, per seed when the replicates are different models."""
+    shared = len({id(r.model) for r in entry.replicates}) == 1
+    return {r.seed: entry.digest if shared else f"{entry.digest}-seed{r.seed}" for r in entry.replicates}
+
+
+def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig, *, progress: bool,
+                   embed: Embedder | None = None) -> dict[str, Any]:
     """One cell: clean embeddings -> probes per replicate -> fairness -> robustness -> latent tests -> RAF."""
-    clean = {id(r.model): extract_embeddings(r.model, data.volumes, batch_size=config.batch_size)
-             for r in entry.replicates}
+    embed = embed or Embedder(data, config)
+    digests = model_digests(entry)
+    everyone = np.arange(len(data.rows))
+    clean = {id(r.model): embed(r.model, digests[r.seed], everyone) for r in entry.replicates}
     fits = fit_probes(entry, clean, data.labels, data.splits, config)
     first = entry.replicates[0]
     primary = fits[(first.seed, config.primary_target)]
     y = data.labels[config.primary_target]
-    robustness, altered_scores = robustness_results(primary, first.model, data.volumes, clean[id(first.model)], y,
-                                                    config, progress=progress, desc=entry.name)
+    robustness, altered_scores = robustness_results(
+        primary, lambda name, severity, seed: embed(first.model, digests[first.seed], primary.test_idx, alteration=name,
+                                                    severity=severity, seed=seed),
+        clean[id(first.model)], y, config, progress=progress, desc=entry.name)
     attributes = {name: labels[primary.test_idx] for name, labels in data.groups.items() if name in config.group_by}
     inputs = raf.RafInputs(y[primary.test_idx], primary.scores, primary.predictions, altered_scores, attributes)
-    return {
+    emb_by_seed = {r.seed: clean[id(r.model)] for r in entry.replicates}
+    probes = probe_results(fits, data.labels, config)
+    probes[config.primary_target].update(downstream.knn_and_few_shot(emb_by_seed, y, data.splits, fractions=config.few_shot,
+                                                                     c_grid=config.c_grid))
+    for column in config.ordinal_targets:
+        probes[column] = downstream.ordinal_results(emb_by_seed, downstream.ordinal_values(data.rows, column),
+                                                    data.splits, c_grid=config.c_grid)
+    result = {
         "source": entry.source,
-        "probes": probe_results(fits, data.labels, config),
+        "probes": probes,
         "fairness": fairness_results(fits, y, data.groups, config),
         "robustness": robustness,
         "latent": latent.latent_results(clean[id(first.model)], data.rows, config.group_by, seed=first.seed,
@@ -231,6 +321,22 @@ def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig
         "raf": raf.raf_with_intervals(inputs, config.weights(), num_resamples=config.bootstrap_resamples,
                                       seed=first.seed),
     }
+    result["latent"]["projection"] = projection(clean[id(first.model)])
+    if data.label_maps is not None:
+        result["segmentation"] = segmentation_results(
+            first.model, data.volumes, data.label_maps, primary.train_idx, primary.test_idx, data.groups,
+            config=config.segmentation, spacing=data.spacing, seed=first.seed,
+            bootstrap_resamples=config.bootstrap_resamples, permutations=config.permutations,
+            min_group_size=config.min_group_size)
+    return result
+
+
+def projection(emb_ND: np.ndarray) -> dict[str, list[float]]:
+    """2-D PCA of the standardised clean embeddings, one point per subject in manifest order (for the report)."""
+    from sklearn.decomposition import PCA
+
+    xy = PCA(n_components=2, random_state=0).fit_transform(latent.standardize(emb_ND))
+    return {"x": xy[:, 0].round(5).tolist(), "y": xy[:, 1].round(5).tolist()}
 
 
 def as_json(value: Any) -> Any:
@@ -324,11 +430,12 @@ def fairness_results(fits: dict[tuple[int, str], ProbeFit], y: np.ndarray, group
     return out
 
 
-def robustness_results(fit: ProbeFit, model, volumes, clean_emb, y, config, *, progress: bool,
+def robustness_results(fit: ProbeFit, embed_altered, clean_emb, y, config, *, progress: bool,
                        desc: str) -> tuple[dict[str, Any], dict[str, dict[int, np.ndarray]]]:
     """Probe metrics and embedding stability under every alteration x severity, on the test split.
 
     The probe is the one fitted on clean train embeddings: alterations happen at test time only.
+    `embed_altered(name, severity, seed)` embeds the test subjects under that alteration.
     """
     from tqdm.auto import tqdm
 
@@ -339,8 +446,7 @@ def robustness_results(fit: ProbeFit, model, volumes, clean_emb, y, config, *, p
     jobs = [(name, severity) for name in config.alterations for severity in config.severities]
     for name, severity in tqdm(jobs, desc=f"alter+embed {desc}", unit="level", disable=not progress):
         alteration = create_alteration(name, severity=severity)
-        altered = extract_embeddings(model, volumes[test_idx], batch_size=config.batch_size, alteration=alteration,
-                                     seed=1000 * list_alterations().index(name) + severity)
+        altered = embed_altered(name, severity, 1000 * list_alterations().index(name) + severity)
         stability = embedding_stability(clean_emb[test_idx], altered)
         record = out.setdefault(name, {"severity": [], "parameter": [], "auroc": [], "balanced_accuracy": [],
                                        "cosine": [], "drift": []})
@@ -373,6 +479,11 @@ def add_corruption_errors(results: dict[str, Any], *, baseline: str | None) -> N
             record["corruption_error"] = corruption_error(errors, base_errors)
             record["relative_corruption_error"] = relative_corruption_error(
                 errors, 1 - robustness["clean"]["balanced_accuracy"], base_errors, 1 - base["clean"]["balanced_accuracy"])
+        records = [record for name, record in robustness.items() if name != "clean"]
+        entry["robustness_summary"] = {  # ImageNet-C mCE / relative mCE: means over alterations
+            "mce": mean_corruption_error({i: r["corruption_error"] for i, r in enumerate(records)}),
+            "relative_mce": mean_corruption_error({i: r["relative_corruption_error"] for i, r in enumerate(records)}),
+            "mean_degradation": float(np.mean([r["degradation"] for r in records])) if records else float("nan")}
         entry["baseline"] = baseline
 
 
@@ -382,8 +493,20 @@ def cohort_summary(store: CohortStore, rows, config: EvaluateConfig) -> dict[str
     planted = store.path / "planted.json"
     counts = {column: {str(v): sum(str(r[column]) == str(v) for r in rows) for v in sorted({str(r[column]) for r in rows})}
               for column in config.group_by}
-    return {"path": str(store.path), "num_subjects": len(rows), "counts": counts,
+    subjects = {column: [str(row[column]) for row in rows] for column in ["subject_id", *config.group_by]}
+    return {"path": str(store.path), "num_subjects": len(rows), "counts": counts, "subjects": subjects,
+            "datasheet": cohort_datasheet(rows, config.group_by),
             "planted": read_json(planted) if planted.is_file() else None}
+
+
+def cohort_datasheet(rows: list[dict[str, Any]], attributes: list[str]) -> dict[str, Any]:
+    """The cohort's datasheet numbers (subgroups, intersections, rare categories, missing metadata, geometry),
+    without the voxel intensity histograms (those are in `raf shards datasheet`)."""
+    from rafmedia.shards.datasheet import DatasheetConfig, compute_datasheet
+
+    categorical = [column for column in attributes if not str(rows[0].get(column, "")).replace(".", "").isdigit()]
+    return compute_datasheet(rows, config=DatasheetConfig(attributes=categorical or None), title="evaluated cohort",
+                             read_sample=None, progress=False)
 
 
 def _nanmean(values: list[float]) -> float:

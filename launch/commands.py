@@ -63,6 +63,7 @@ def run_evaluate(args: argparse.Namespace) -> Path:
     """Every encoder x cohort cell through one results store; a report per cohort; the leaderboard."""
     from rafmedia.engine.distributed import place_from_environment
     from rafmedia.engine.files import write_json
+    from rafmedia.evaluate.cache import EmbeddingCache
     from rafmedia.evaluate.leaderboard import leaderboard_rows, write_leaderboard
     from rafmedia.evaluate.report import REPORT_JSON, render_report
     from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
@@ -79,12 +80,13 @@ def run_evaluate(args: argparse.Namespace) -> Path:
     is_main = place_from_environment().is_main
     out = Path(args.out)
     results = ResultsStore(out / RESULTS_FILE)
+    cache = EmbeddingCache(out / "embeddings.zarr")
     if is_main:
         write_resolved(config, out, ["evaluate"])
     html = None
     for cohort in cohorts:
         config.evaluate.cohort = cohort
-        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results)
+        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results, cache=cache)
         folder = out if len(cohorts) == 1 else out / Path(cohort).parent.name
         if is_main:
             write_json(folder / REPORT_JSON, report)
