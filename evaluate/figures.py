@@ -1,4 +1,9 @@
-"""Report figures (matplotlib, Agg backend), returned as PNG bytes."""
+"""Report figures (matplotlib, Agg backend), returned as PNG bytes.
+
+report.json stores undefined values (NaN) as null, and older files lack the newer keys: every figure accepts
+None values, and the figures of optional parts (projection, segmentation, RCA) return None when their data
+are absent, so the report leaves them out.
+"""
 from __future__ import annotations
 
 import io
@@ -23,14 +28,42 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _bars(ax, labels: list[str], series: dict[str, list[float]], errors: dict[str, list[float]] | None = None,
+def _floats(values: Any) -> np.ndarray:
+    """A float array with null (None) as NaN."""
+    return np.array([np.nan if v is None else v for v in np.ravel(np.asarray(values, dtype=object))],
+                    dtype=float).reshape(np.shape(values))
+
+
+def lookup(mapping: Any, *keys: str) -> Any:
+    """mapping[k1][k2]...; None where a key is missing or a level is null (older report.json files)."""
+    for key in keys:
+        if not isinstance(mapping, dict) or mapping.get(key) is None:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def interval_errors(values: list[float | None], intervals: list[list[float | None] | None]) -> np.ndarray:
+    """(2, N) distances from each value down to its interval's low end and up to its high end, for `yerr`.
+
+    A missing or undefined interval (or value) gives no bar (0); an interval that does not contain its value
+    (possible with percentile bootstrap) is clipped to 0 on that side.
+    """
+    values_N = _floats(values)
+    bounds_N2 = _floats([list(ci) if ci is not None and len(ci) == 2 else [None, None] for ci in intervals]).reshape(-1, 2)
+    errors_2N = np.stack([values_N - bounds_N2[:, 0], bounds_N2[:, 1] - values_N])
+    return np.clip(np.nan_to_num(errors_2N), 0.0, None)
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float]], errors: dict[str, Any] | None = None,
           ylabel: str = "", ylim=(0, 1.05)) -> None:
+    """Grouped bars; `errors[name]` is a symmetric (N,) error or an asymmetric (2, N) one (`interval_errors`)."""
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for i, (name, values) in enumerate(series.items()):
         # report.json stores undefined values (a one-class group's AUROC) as null: drawn as 0 with no error bar
-        ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(np.asarray(values, dtype=float)), width, label=name,
-               yerr=None if errors is None else np.nan_to_num(np.asarray(errors[name], dtype=float)), capsize=3)
+        yerr = None if errors is None else np.clip(np.nan_to_num(_floats(errors[name])), 0.0, None)
+        ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(_floats(values)), width, label=name, yerr=yerr, capsize=3)
     ax.set_xticks(x, labels)
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
@@ -52,7 +85,7 @@ def raf_figure(report: dict[str, Any]) -> bytes:
 def probe_figure(report: dict[str, Any]) -> bytes:
     plt = _pyplot()
     encoders = report["encoders"]
-    targets = list(next(iter(encoders.values()))["probes"])
+    targets = [t for t, p in next(iter(encoders.values()))["probes"].items() if "auroc" in p]  # not ordinal ones
     fig, ax = plt.subplots(figsize=(7, 3.2))
     _bars(ax, targets, {n: [e["probes"][t]["auroc"]["mean"] for t in targets] for n, e in encoders.items()},
           {n: [e["probes"][t]["auroc"]["std"] for t in targets] for n, e in encoders.items()}, ylabel="AUROC")
@@ -71,8 +104,9 @@ def degradation_figure(report: dict[str, Any]) -> bytes:
         for encoder, entry in encoders.items():
             record = entry["robustness"][name]
             severities = [0] + record["severity"]
-            axes[0, column].plot(severities, [entry["robustness"]["clean"]["auroc"]] + record["auroc"], "o-", label=encoder)
-            axes[1, column].plot(severities, [1.0] + record["cosine"], "o-", label=encoder)
+            axes[0, column].plot(severities, _floats([entry["robustness"]["clean"]["auroc"]] + record["auroc"]), "o-",
+                                 label=encoder)
+            axes[1, column].plot(severities, _floats([1.0] + record["cosine"]), "o-", label=encoder)
         axes[0, column].set_title(f"{name}: probe AUROC")
         axes[1, column].set_title(f"{name}: embedding cosine to clean")
         axes[1, column].set_xlabel("severity (0 = clean)")
@@ -91,17 +125,34 @@ def _spread(values: list[float | None]) -> float:
     return float(np.std(finite)) if len(finite) > 1 else 0.0
 
 
-def group_figure(report: dict[str, Any], attribute: str) -> bytes:
-    plt = _pyplot()
+def group_bars(report: dict[str, Any], attribute: str, metric: str) -> tuple[dict, dict, str]:
+    """(values, errors, what they are) of one metric per group and encoder, for `_bars`.
+
+    When any group has a bootstrap interval on the first replicate (`first_replicate.ci95`), the bars are the
+    first replicate's values with those percentile intervals as asymmetric error bars (the interval belongs to
+    that value, not to the mean over replicates); otherwise the mean over replicates +- their std.
+    """
     encoders = report["encoders"]
     groups = list(next(iter(encoders.values()))["fairness"][attribute]["groups"])
+    by_encoder = {n: [e["fairness"][attribute]["groups"].get(g, {}) for g in groups] for n, e in encoders.items()}
+    intervals = {n: [lookup(g, "first_replicate", "ci95", metric) for g in rows] for n, rows in by_encoder.items()}
+    if np.isfinite(_floats([v for rows in intervals.values() for ci in rows if ci for v in ci])).any():
+        values = {n: [lookup(g, "first_replicate", metric) for g in rows] for n, rows in by_encoder.items()}
+        errors = {n: interval_errors(values[n], intervals[n]) for n in by_encoder}
+        return values, errors, "replicate 0, bootstrap 95% CI"
+    values = {n: [g.get(metric) for g in rows] for n, rows in by_encoder.items()}
+    errors = {n: [_spread(g.get(f"{metric}_per_replicate") or []) for g in rows] for n, rows in by_encoder.items()}
+    return values, errors, "mean +- std over replicates"
+
+
+def group_figure(report: dict[str, Any], attribute: str) -> bytes:
+    plt = _pyplot()
+    groups = list(next(iter(report["encoders"].values()))["fairness"][attribute]["groups"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, metric in zip(axes, ("accuracy", "auroc")):
-        values = {n: [e["fairness"][attribute]["groups"][g][metric] for g in groups] for n, e in encoders.items()}
-        errors = {n: [_spread(e["fairness"][attribute]["groups"][g][f"{metric}_per_replicate"]) for g in groups]
-                  for n, e in encoders.items()}
+        values, errors, what = group_bars(report, attribute, metric)
         _bars(ax, groups, values, errors, ylabel=metric)
-        ax.set_title(f"{metric} by {attribute} (mean +- std over replicates)")
+        ax.set_title(f"{metric} by {attribute} ({what})", fontsize=9)
     axes[0].legend(fontsize=8)
     return _png(fig)
 
@@ -112,11 +163,106 @@ def frechet_figure(report: dict[str, Any], attribute: str) -> bytes:
     fig, axes = plt.subplots(1, len(encoders), figsize=(4 * len(encoders), 3.4), squeeze=False)
     for ax, (name, entry) in zip(axes[0], encoders.items()):
         frechet = entry["latent"][attribute]["frechet"]
-        image = ax.imshow(np.array(frechet["matrix"]), cmap="magma")
+        image = ax.imshow(_floats(frechet["matrix"]), cmap="magma")
         ax.set_xticks(range(len(frechet["groups"])), frechet["groups"], rotation=45)
         ax.set_yticks(range(len(frechet["groups"])), frechet["groups"])
         ax.set_title(f"{name}\nFrechet distance by {attribute}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---- optional parts: each returns None when report.json lacks its data ------------------------------------------
+MAX_LEGEND_GROUPS = 12  # a numeric attribute with more distinct values (ages) is coloured on a continuous scale
+
+
+def _is_continuous(labels: list[Any]) -> bool:
+    present = [v for v in labels if v is not None and v != ""]
+    return (len(set(present)) > MAX_LEGEND_GROUPS
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present))
+
+
+def _scatter_groups(fig, ax, x_N: np.ndarray, y_N: np.ndarray, labels: list[Any], attribute: str) -> None:
+    """Points coloured by group (legend), or by value on a colour bar for a many-valued numeric attribute."""
+    if _is_continuous(labels):
+        points = ax.scatter(x_N, y_N, c=_floats(labels), cmap="viridis", s=14)
+        fig.colorbar(points, ax=ax, fraction=0.046, label=attribute)
+        return
+    names = np.array(["(missing)" if v is None or v == "" else str(v) for v in labels])
+    colours = _pyplot().get_cmap("tab10" if len(set(names)) <= 10 else "tab20")
+    for index, group in enumerate(sorted(set(names))):
+        member = names == group
+        ax.scatter(x_N[member], y_N[member], s=14, color=colours(index % colours.N), label=f"{group} ({member.sum()})")
+    ax.legend(fontsize=7, title=attribute, title_fontsize=7, markerscale=0.8)
+
+
+def projection_figure(report: dict[str, Any], attribute: str) -> bytes | None:
+    """PCA of each encoder's clean embeddings (`latent.projection`), one panel per encoder, points coloured by
+    `attribute` (`cohort.subjects`, in manifest order like the points). None when either is absent; an
+    encoder whose projection does not have one point per subject is left out."""
+    labels = lookup(report, "cohort", "subjects", attribute)
+    if labels is None:
+        return None
+    panels = [(name, _floats(projection["x"]), _floats(projection["y"]))
+              for name, entry in report["encoders"].items()
+              if (projection := lookup(entry, "latent", "projection")) is not None
+              and len(projection.get("x") or []) == len(projection.get("y") or []) == len(labels)]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (name, x_N, y_N) in zip(axes[0], panels):
+        _scatter_groups(fig, ax, x_N, y_N, labels, attribute)
+        ax.set_title(f"{name}\nPCA of clean embeddings, by {attribute}", fontsize=9)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def segmentation_group_figure(report: dict[str, Any], attribute: str) -> bytes | None:
+    """Mean Dice per group of `attribute` for every encoder with segmentation results, with the groups' bootstrap
+    95% intervals as error bars; None when no encoder has them."""
+    fairness = {name: dice for name, entry in report["encoders"].items()
+                if (dice := lookup(entry, "segmentation", "fairness", attribute, "dice", "groups"))}
+    if not fairness:
+        return None
+    groups = list(dict.fromkeys(g for by_group in fairness.values() for g in by_group))
+    values = {n: [lookup(by_group, g, "value") for g in groups] for n, by_group in fairness.items()}
+    errors = {n: interval_errors(values[n], [lookup(by_group, g, "ci95") for g in groups])
+              for n, by_group in fairness.items()}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) + 2), 3.2))
+    _bars(ax, groups, values, errors, ylabel="Dice")
+    ax.set_title(f"Dice by {attribute} (mean over subjects, bootstrap 95% CI)", fontsize=9)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def rca_figure(report: dict[str, Any]) -> bytes | None:
+    """Reverse-classification-accuracy check: estimated against true per-case Dice, one panel per encoder with
+    RCA results, Pearson r in the title; None when no encoder has them."""
+    panels = []
+    for name, entry in report["encoders"].items():
+        rca = lookup(entry, "segmentation", "rca")
+        true_N = _floats(lookup(rca, "true_dice") or []).ravel()
+        estimated_N = _floats(lookup(rca, "estimated_dice") or []).ravel()
+        if len(true_N) and len(true_N) == len(estimated_N):
+            panels.append((name, true_N, estimated_N, rca.get("pearson")))
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
+    for ax, (name, true_N, estimated_N, pearson) in zip(axes[0], panels):
+        ax.scatter(true_N, estimated_N, s=14)
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("true Dice")
+        ax.set_ylabel("estimated Dice (RCA)")
+        r = "n/a" if pearson is None or not np.isfinite(pearson) else f"{pearson:.2f}"
+        ax.set_title(f"{name}\nRCA: r = {r}", fontsize=9)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 
@@ -136,7 +282,8 @@ def summary_figure(report: dict[str, Any]) -> bytes:
     axes[0].legend(fontsize=8)
     for name, entry in encoders.items():
         record = entry["robustness"][alteration]
-        axes[1].plot([0] + record["severity"], [entry["robustness"]["clean"]["auroc"]] + record["auroc"], "o-", label=name)
+        axes[1].plot([0] + record["severity"], _floats([entry["robustness"]["clean"]["auroc"]] + record["auroc"]), "o-",
+                     label=name)
     axes[1].set_title(f"{alteration}: probe AUROC vs severity")
     axes[1].grid(alpha=0.3)
     _bars(axes[2], groups, {n: [e["fairness"][attribute]["groups"][g]["accuracy"] for g in groups] for n, e in encoders.items()})
