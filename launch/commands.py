@@ -294,6 +294,8 @@ def run_submit(args: argparse.Namespace) -> list:
     for job in jobs:
         print(f"submitted {args.what} job {job.job_id} (logs: {job.paths.stdout})")
     print(f"follow with: raf jobs   |   raf jobs --tail {jobs[0].job_id}")
+    if args.what == "evaluate":
+        print(f"when they have finished: raf leaderboard '{out}/*/' --out {out}")
     if args.wait:
         wait_for(jobs)
         print(f"all {len(jobs)} job(s) finished; outputs in {out}")

@@ -127,6 +127,13 @@ def test_an_evaluation_array_over_several_checkpoints_returns_every_result(clust
     assert [path.parent.name for path in reports] == [f"ckpt-seed{seed}__{cohort.parent.name}" for seed in range(3)]
     for seed, path in enumerate(reports):
         assert list(json.loads(path.read_text())["encoders"]) == [f"seed {seed}"]
+    # the array tasks' stores, ranked together
+    board = raf("leaderboard", str(tmp_path / "eval" / "*"), "--out", str(tmp_path / "board"), env=cluster, cwd=tmp_path)
+    assert board.returncode == 0, board.stderr[-2000:]
+    rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()[1:]
+    indices = {json.loads(path.read_text())["encoders"][f"seed {seed}"]["raf"]["index"]: f"seed {seed}"
+               for seed, path in enumerate(reports)}
+    assert [row.split(",")[1] for row in rows] == [indices[value] for value in sorted(indices, reverse=True)]
 
 
 @pytest.mark.parametrize("interruption", ["scontrol requeue", "USR1"])
