@@ -10,9 +10,10 @@ AUROC) and w_s the ROOD-MRI severity weights (2/3)^s normalised to sum to 1:
                 groups of g of the per-group accuracy, r = 1 the range of accuracy;
 - RAF           = (w_P P + w_R R + w_F F) / (w_P + w_R + w_F), weights from `evaluate.raf_weights` (default 1, 1, 1).
 
-Intervals: one percentile bootstrap over the test subjects (resampled with replacement, jointly for all components,
-so the interval of RAF accounts for their correlation). All components come from the same replicate: the first
-split seed, on which robustness is measured.
+P and F are means over the replicates (split seeds; for a random baseline also initialisations), R comes from
+the first replicate, on which robustness is measured. Intervals: percentile bootstrap, each draw resampling every
+replicate's test subjects with replacement, jointly for all components (the interval of RAF accounts for their
+correlation).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ COMPONENTS = ("performance", "robustness", "fairness")
 RAF_FORMULA = ("P = clip((AUROC - 0.5) / 0.5, 0, 1), the primary probe's skill above chance on clean test scans; "
                "R = 1 - mean over alterations of the severity-weighted share of that skill lost, weights (2/3)^s "
                "(ROOD-MRI); F = 1 - mean over the group_by attributes of the accuracy gap between groups (max - min); "
+               "P and F are means over the replicates, R is measured on the first; "
                "RAF = the weighted mean of P, R and F.")
 
 
@@ -99,30 +101,47 @@ class RafInputs:
     groups: dict[str, np.ndarray]  # attribute -> group label per subject
 
 
-def raf_point(inputs: RafInputs, weights: RafWeights | None = None, idx: np.ndarray | None = None,
-              chance: float = 0.5) -> dict[str, float]:
-    """The components and the index on the subjects `idx` (all when None)."""
-    idx = np.arange(len(inputs.labels_N)) if idx is None else idx
+def _components(inputs: RafInputs, idx: np.ndarray, chance: float) -> np.ndarray:
+    """(P, R, F) of one replicate on its test subjects `idx`; R is NaN for a replicate without altered scores."""
     y = inputs.labels_N[idx]
     clean = compute_auroc(inputs.clean_scores_N[idx], y)
     by_alteration = {name: {s: compute_auroc(scores[idx], y) for s, scores in by_severity.items()}
                      for name, by_severity in inputs.altered_scores.items()}
     correct = (inputs.clean_predictions_N[idx] == y).astype(np.float64)
     gaps = {attribute: group_gap(correct, labels[idx]) for attribute, labels in inputs.groups.items()}
-    out = {"performance": performance_component(clean, chance),
-           "robustness": robustness_component(clean, by_alteration, chance),
-           "fairness": fairness_component(gaps)}
+    return np.array([performance_component(clean, chance), robustness_component(clean, by_alteration, chance),
+                     fairness_component(gaps)])
+
+
+def raf_point(inputs: RafInputs | list[RafInputs], weights: RafWeights | None = None,
+              idx: list[np.ndarray] | np.ndarray | None = None, chance: float = 0.5) -> dict[str, float]:
+    """The components, averaged over replicates (each on its own test subjects, `idx[r]` or all), and the index.
+
+    A component a replicate cannot measure (robustness, measured on the first replicate only) is averaged over the
+    replicates that have it."""
+    replicates = [inputs] if isinstance(inputs, RafInputs) else list(inputs)
+    if idx is None:
+        idx = [np.arange(len(r.labels_N)) for r in replicates]
+    elif isinstance(idx, np.ndarray):
+        idx = [idx]
+    values = np.array([_components(r, i, chance) for r, i in zip(replicates, idx)])
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(values)
+        means = np.where(finite.any(axis=0), np.nansum(values, axis=0) / np.maximum(finite.sum(axis=0), 1), np.nan)
+    out = dict(zip(COMPONENTS, map(float, means)))
     out["index"] = raf_index(out["performance"], out["robustness"], out["fairness"], weights)
     return out
 
 
-def raf_with_intervals(inputs: RafInputs, weights: RafWeights | None = None, *, num_resamples: int = 500,
-                       seed: int = 0, level: float = 0.95) -> dict[str, float | list[float]]:
-    """Point values plus `<component>_ci95` percentile-bootstrap intervals (subjects resampled jointly)."""
-    point = raf_point(inputs, weights)
+def raf_with_intervals(inputs: RafInputs | list[RafInputs], weights: RafWeights | None = None, *,
+                       num_resamples: int = 500, seed: int = 0, level: float = 0.95) -> dict[str, float | list[float]]:
+    """Point values plus `<component>_ci95` percentile-bootstrap intervals: each draw resamples every replicate's
+    test subjects with replacement, and all components come from the same draw."""
+    replicates = [inputs] if isinstance(inputs, RafInputs) else list(inputs)
+    point = raf_point(replicates, weights)
     rng = np.random.default_rng(seed)
-    n = len(inputs.labels_N)
-    draws = [raf_point(inputs, weights, rng.integers(0, n, n)) for _ in range(num_resamples)]
+    sizes = [len(r.labels_N) for r in replicates]
+    draws = [raf_point(replicates, weights, [rng.integers(0, n, n) for n in sizes]) for _ in range(num_resamples)]
     alpha = (1 - level) / 2
     out: dict[str, float | list[float]] = dict(point)
     for key in ("index", *COMPONENTS):
@@ -131,4 +150,3 @@ def raf_with_intervals(inputs: RafInputs, weights: RafWeights | None = None, *, 
         out[f"{key}_ci95"] = ([float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
                               if len(values) >= num_resamples // 2 else [float("nan"), float("nan")])
     return out
-

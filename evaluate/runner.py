@@ -37,6 +37,9 @@ from rafmedia.shards.store import CohortStore
 from rafmedia.shards.stream import load_volumes
 
 
+RESULTS_VERSION = 2  # raise when a computation changes, so that results stores never serve cells computed the old way
+
+
 @dataclass
 class EvaluateConfig:
     """What to score and how."""
@@ -93,7 +96,7 @@ class EvaluateConfig:
     def settings_digest(self) -> str:
         """Every option that changes a cell's numbers (not which encoders or cohorts, nor batch size)."""
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cohort", "encoders", "batch_size")}
-        return digest(settings)
+        return digest(settings, RESULTS_VERSION)
 
 
 @dataclass
@@ -302,8 +305,9 @@ def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig
         primary, lambda name, severity, seed: embed(first.model, digests[first.seed], primary.test_idx, alteration=name,
                                                     severity=severity, seed=seed),
         clean[id(first.model)], y, config, progress=progress, desc=entry.name)
-    attributes = {name: labels[primary.test_idx] for name, labels in data.groups.items() if name in config.group_by}
-    inputs = raf.RafInputs(y[primary.test_idx], primary.scores, primary.predictions, altered_scores, attributes)
+    inputs = [raf.RafInputs(y[fit.test_idx], fit.scores, fit.predictions, altered_scores if seed == first.seed else {},
+                            {name: labels[fit.test_idx] for name, labels in data.groups.items() if name in config.group_by})
+              for (seed, target), fit in fits.items() if target == config.primary_target]
     emb_by_seed = {r.seed: clean[id(r.model)] for r in entry.replicates}
     probes = probe_results(fits, data.labels, config)
     probes[config.primary_target].update(downstream.knn_and_few_shot(emb_by_seed, y, data.splits, fractions=config.few_shot,

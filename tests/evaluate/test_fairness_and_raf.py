@@ -96,3 +96,22 @@ def test_raf_point_and_intervals_on_per_subject_inputs():
                                                 {"sex": groups["sex"][:50]}), num_resamples=200, seed=0)
     width = lambda values: values["performance_ci95"][1] - values["performance_ci95"][0]  # noqa: E731
     assert width(half) > 1.4 * width(with_ci)  # a quarter of the subjects: about twice as wide
+
+
+def test_raf_over_replicates_averages_p_and_f_and_takes_r_where_it_was_measured():
+    rng = np.random.default_rng(5)
+    replicates = []
+    for r in range(3):
+        labels = rng.integers(0, 2, 80)
+        scores = labels * (0.5 + r) + rng.normal(0, 1, 80)
+        altered = {"noise": {1: labels * 0.5 + rng.normal(0, 1.5, 80)}} if r == 0 else {}
+        replicates.append(raf.RafInputs(labels, scores, (scores > 0.5).astype(int), altered,
+                                        {"sex": np.where(rng.uniform(size=80) < 0.5, "F", "M")}))
+    singles = [raf.raf_point(replicate) for replicate in replicates]
+    combined = raf.raf_point(replicates)
+    assert combined["performance"] == pytest.approx(np.mean([s["performance"] for s in singles]))
+    assert combined["fairness"] == pytest.approx(np.mean([s["fairness"] for s in singles]))
+    assert combined["robustness"] == pytest.approx(singles[0]["robustness"])
+    assert np.isnan(singles[1]["robustness"])
+    with_ci = raf.raf_with_intervals(replicates, num_resamples=100, seed=1)
+    assert with_ci["index_ci95"][0] <= combined["index"] <= with_ci["index_ci95"][1]
