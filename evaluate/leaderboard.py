@@ -19,17 +19,28 @@ COLUMNS = ["rank", "encoder", "cohort", "RAF", "RAF 95% CI", "performance", "rob
 
 
 def find_stores(patterns: list[str]) -> list[Path]:
-    """results.sqlite files named by paths, folders holding one, or globs of either."""
+    """results.sqlite files named by paths, folders holding one, or globs of either (a glob's matches that are not
+    stores, such as other files of a run folder, are passed over)."""
     found: list[Path] = []
     for pattern in patterns:
-        for match in sorted(glob.glob(pattern)) or [pattern]:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        for match in matches:
             path = Path(match)
             path = path / RESULTS_FILE if path.is_dir() else path
-            if not path.is_file():
+            if not (path.is_file() and _is_sqlite(path)):
+                if glob.has_magic(pattern):
+                    continue
                 raise UserError(f"no results store at {path}: give OUT/{RESULTS_FILE} of a `raf evaluate` run, or its folder")
             if path not in found:
                 found.append(path)
+    if not found:
+        raise UserError(f"no results store matches {' '.join(patterns)}: give the --out folder(s) of `raf evaluate`")
     return found
+
+
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(16) == b"SQLite format 3\x00"
 
 
 def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:

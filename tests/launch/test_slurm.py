@@ -130,10 +130,12 @@ def test_an_evaluation_array_over_several_checkpoints_returns_every_result(clust
     # the array tasks' stores, ranked together
     board = raf("leaderboard", str(tmp_path / "eval" / "*"), "--out", str(tmp_path / "board"), env=cluster, cwd=tmp_path)
     assert board.returncode == 0, board.stderr[-2000:]
-    rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()[1:]
-    indices = {json.loads(path.read_text())["encoders"][f"seed {seed}"]["raf"]["index"]: f"seed {seed}"
+    rows = [row.split(",") for row in (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()[1:]]
+    indices = {f"seed {seed}": json.loads(path.read_text())["encoders"][f"seed {seed}"]["raf"]["index"]
                for seed, path in enumerate(reports)}
-    assert [row.split(",")[1] for row in rows] == [indices[value] for value in sorted(indices, reverse=True)]
+    assert sorted(row[1] for row in rows) == sorted(indices)
+    assert [float(row[3]) for row in rows] == pytest.approx(sorted(indices.values(), reverse=True), abs=1e-12)
+    assert all(float(row[3]) == pytest.approx(indices[row[1]], abs=1e-12) for row in rows)
 
 
 @pytest.mark.parametrize("interruption", ["scontrol requeue", "USR1"])
