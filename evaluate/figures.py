@@ -272,7 +272,7 @@ def summary_figure(report: dict[str, Any]) -> bytes:
     plt = _pyplot()
     encoders = report["encoders"]
     first = next(iter(encoders.values()))
-    alteration = next(k for k in first["robustness"] if k != "clean")
+    alteration = next((k for k in first["robustness"] if k != "clean"), None)  # None: evaluated without alterations
     attribute = "site" if "site" in first["fairness"] else next(iter(first["fairness"]))
     groups = list(first["fairness"][attribute]["groups"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
@@ -280,11 +280,11 @@ def summary_figure(report: dict[str, Any]) -> bytes:
           {n: [e["raf"][c] for c in ("index", "performance", "robustness", "fairness")] for n, e in encoders.items()})
     axes[0].set_title("RAF index and components")
     axes[0].legend(fontsize=8)
-    for name, entry in encoders.items():
+    for name, entry in encoders.items() if alteration else ():
         record = entry["robustness"][alteration]
         axes[1].plot([0] + record["severity"], _floats([entry["robustness"]["clean"]["auroc"]] + record["auroc"]), "o-",
                      label=name)
-    axes[1].set_title(f"{alteration}: probe AUROC vs severity")
+    axes[1].set_title(f"{alteration}: probe AUROC vs severity" if alteration else "no alterations evaluated")
     axes[1].grid(alpha=0.3)
     _bars(axes[2], groups, {n: [e["fairness"][attribute]["groups"][g]["accuracy"] for g in groups] for n, e in encoders.items()})
     axes[2].set_title(f"probe accuracy by {attribute}")

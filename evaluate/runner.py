@@ -484,6 +484,10 @@ def add_corruption_errors(results: dict[str, Any], *, baseline: str | None) -> N
             record["relative_corruption_error"] = relative_corruption_error(
                 errors, 1 - robustness["clean"]["balanced_accuracy"], base_errors, 1 - base["clean"]["balanced_accuracy"])
         records = [record for name, record in robustness.items() if name != "clean"]
+        if not records:  # evaluate.alterations=[]: nothing to summarise
+            entry["robustness_summary"] = {"mce": None, "relative_mce": None, "mean_degradation": None}
+            entry["baseline"] = baseline
+            continue
         entry["robustness_summary"] = {  # ImageNet-C mCE / relative mCE: means over alterations
             "mce": mean_corruption_error({i: r["corruption_error"] for i, r in enumerate(records)}),
             "relative_mce": mean_corruption_error({i: r["relative_corruption_error"] for i, r in enumerate(records)}),

@@ -99,3 +99,20 @@ def test_a_cell_rerun_with_the_embedding_cache_embeds_nothing_and_gives_the_same
     again = run_evaluation(config, progress=False, cache=cache)  # no results store: the cells are recomputed...
     assert embedded == []  # ...from cached embeddings only
     assert json.dumps(again["encoders"]) == json.dumps(first["encoders"])  # (NaN != NaN, so compare the text)
+
+
+def test_without_alterations_the_index_is_the_mean_of_p_and_f_and_the_report_renders(small_cohort, tmp_path):
+    from rafmedia.engine.files import write_json
+    from rafmedia.evaluate.report import render_report
+
+    store, _ = small_cohort
+    torch.manual_seed(2)
+    weights = export_encoder(create_encoder("cnn3d_small", width=8), tmp_path / "encoder.safetensors",
+                             architecture="cnn3d_small", options={"width": 8}, card={"name": "plain"})
+    result = run_evaluation(EvaluateConfig(cohort=str(store.path), encoders=[str(weights)], seeds=[0], alterations=[],
+                                           bootstrap_resamples=20, permutations=19), progress=False)
+    for entry in result["encoders"].values():
+        assert np.isnan(entry["raf"]["robustness"])
+        assert entry["raf"]["index"] == pytest.approx((entry["raf"]["performance"] + entry["raf"]["fairness"]) / 2)
+    write_json(tmp_path / "out" / "report.json", result)
+    assert "RAF index" in render_report(tmp_path / "out").read_text()
