@@ -29,6 +29,7 @@ benchmarks: venv
 	@$(PIP_INSTALL) -e ".[bench]" 2>&1 | sed '/is ignored: it is neither/d'
 	$(VENV)/bin/python benchmarks/foundation.py
 	$(VENV)/bin/python benchmarks/train_step.py
+	$(VENV)/bin/python benchmarks/evaluate.py --parts 1
 
 clean:
 	rm -rf runs .pytest_cache
