@@ -113,7 +113,8 @@ def degradation_figure(report: dict[str, Any]) -> bytes:
         axes[0, column].axhline(0.5, color="grey", lw=1, ls="--")
         for row in range(2):
             axes[row, column].grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    if alterations:
+        axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
 

@@ -3,8 +3,12 @@
 training masks' norms; the shape prior's reconstruction error when one is given) and by reverse classification
 accuracy (RCA: Dice estimated without the test ground truth, compared here with the true Dice).
 
-Runs on the first replicate's split: the head trains on the training subjects' label maps, everything is scored on
-the test subjects.
+Two set-ups. Without `reference_cohort`, the evaluated cohort's own label maps are used: the head trains on the
+first replicate's training subjects and everything is scored on its test subjects, where RCA's estimate can be
+checked against the true Dice. With `reference_cohort` (a labelled store), the head trains on it and RCA takes its
+references from it, and the evaluated cohort needs no labels: its subjects are scored by RCA's estimated Dice
+(by group: an estimated gap and worst group) and by plausibility; if it does have labels, the true scores are
+reported beside the estimates.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class SegmentationConfig:
     head_lr: float = 1e-2
     nsd_tolerance_mm: float = 2.0
     shape_prior: str = ""  # shape_prior.safetensors of a shape_prior_dae run: adds the reconstruction-error score
+    reference_cohort: str = ""  # a labelled store to train the head and draw RCA references from (see above)
     rca_references: int = 8  # training subjects used as RCA's reference set (0: no RCA)
     rca_method: str = "voxel_classifier"
 
@@ -48,23 +53,61 @@ def _group_means(values_N: np.ndarray, groups_N: np.ndarray) -> dict[str, float]
     return {str(g): float(np.nanmean(values_N[groups_N == g])) for g in np.unique(groups_N)}
 
 
-def segmentation_results(encoder: torch.nn.Module, images_NCDHW: torch.Tensor, labels_NDHW: np.ndarray,
-                         train_idx: np.ndarray, test_idx: np.ndarray, groups: dict[str, np.ndarray], *,
-                         config: SegmentationConfig, spacing: tuple[float, float, float], seed: int,
-                         bootstrap_resamples: int, permutations: int, min_group_size: int) -> dict[str, Any]:
-    """Everything the report's segmentation section shows, for one encoder (module docstring)."""
+@dataclass
+class LabelledSet:
+    """Images (N, C, D, H, W) with label maps (N, D, H, W), or None for the maps of an unlabelled cohort."""
+
+    images: torch.Tensor
+    labels: np.ndarray | None
+
+
+def segmentation_results(encoder: torch.nn.Module, train: LabelledSet, test: LabelledSet,
+                         groups: dict[str, np.ndarray], *, config: SegmentationConfig,
+                         spacing: tuple[float, float, float], seed: int, bootstrap_resamples: int, permutations: int,
+                         min_group_size: int) -> dict[str, Any]:
+    """Everything the report's segmentation section shows, for one encoder (module docstring). `groups` label the
+    test subjects."""
     from rafmedia.evaluate.fairness import segmentation_fairness
-    from rafmedia.evaluate.metrics import bootstrap_ci
     from rafmedia.evaluate.plausibility import plausibility_by_group, topology_norms, topology_plausible
     from rafmedia.evaluate.seg_head import fit_segmentation_head, predict_masks
+
+    num_classes = int(train.labels.max()) + 1
+    head = fit_segmentation_head(encoder, train.images, train.labels, num_classes=num_classes,
+                                 steps=config.head_steps, lr=config.head_lr, seed=seed)
+    predictions = predict_masks(encoder, head, test.images)
+    fairness_options = dict(seed=seed, num_resamples=bootstrap_resamples, num_permutations=permutations,
+                            min_group_size=min_group_size)
+    out: dict[str, Any] = {"structures": list(config.structures), "labelled": test.labels is not None}
+    true_dice_N = None
+    if test.labels is not None:
+        out.update(_true_scores(predictions, test.labels, config, spacing, seed, bootstrap_resamples))
+        true_dice_N = np.array(out["dice_per_subject"])
+        out["fairness"] = {name: segmentation_fairness(true_dice_N, labels, **fairness_options)
+                           for name, labels in groups.items()}
+    norms = topology_norms(list(train.labels), config.structures)
+    plausible = topology_plausible(list(predictions), norms)
+    out["plausibility"] = {"topology_share": float(plausible.mean()), "shape_prior_share": None,
+                           "by_group": {name: plausibility_by_group(plausible, labels) for name, labels in groups.items()}}
+    if config.shape_prior:
+        out["plausibility"].update(_shape_prior_plausibility(config.shape_prior, predictions, train.labels,
+                                                             plausible, groups))
+    if config.rca_references > 0:
+        out["rca"] = _rca(train, test.images, predictions, true_dice_N, groups, config=config, seed=seed)
+        if test.labels is None:  # the estimate is all there is: its fairness by group
+            estimated = np.nan_to_num(np.array(out["rca"]["estimated_dice"]), nan=0.0)
+            out["estimated_fairness"] = {name: segmentation_fairness(estimated, labels, **fairness_options)
+                                         for name, labels in groups.items()}
+            out["fairness"], out["fairness_source"] = out["estimated_fairness"], "rca_estimate"
+    return out
+
+
+def _true_scores(predictions, labels_NDHW, config, spacing, seed, bootstrap_resamples) -> dict[str, Any]:
+    """Metrics Reloaded scores per structure (means, Dice with a subject-bootstrap CI) and each subject's mean Dice."""
+    from rafmedia.evaluate.metrics import bootstrap_ci
     from rafmedia.evaluate.segmentation import segmentation_metrics
 
-    num_classes = int(labels_NDHW.max()) + 1
-    head = fit_segmentation_head(encoder, images_NCDHW[train_idx], labels_NDHW[train_idx], num_classes=num_classes,
-                                 steps=config.head_steps, lr=config.head_lr, seed=seed)
-    predictions = predict_masks(encoder, head, images_NCDHW[test_idx])
-    per_case = [segmentation_metrics(pred, labels_NDHW[i], labels=config.structures, spacing=spacing,
-                                     nsd_tolerance_mm=config.nsd_tolerance_mm) for pred, i in zip(predictions, test_idx)]
+    per_case = [segmentation_metrics(pred, ref, labels=config.structures, spacing=spacing,
+                                     nsd_tolerance_mm=config.nsd_tolerance_mm) for pred, ref in zip(predictions, labels_NDHW)]
     names = list(config.structures)
     dice_NS = np.array([[case[s]["dice"] for s in names] for case in per_case])
     per_structure = {}
@@ -73,24 +116,7 @@ def segmentation_results(encoder: torch.nn.Module, images_NCDHW: torch.Tensor, l
                             for metric in ("dice", "hd95", "nsd")}
         per_structure[s]["dice_ci95"] = list(bootstrap_ci(lambda idx, k=k: float(dice_NS[idx, k].mean()), len(dice_NS),
                                                           seed=seed, num_resamples=bootstrap_resamples))
-    dice_N = dice_NS.mean(axis=1)  # each subject's mean Dice over the structures
-    test_groups = {name: labels[test_idx] for name, labels in groups.items()}
-    fairness = {name: segmentation_fairness(dice_N, labels, seed=seed, num_resamples=bootstrap_resamples,
-                                            num_permutations=permutations, min_group_size=min_group_size)
-                for name, labels in test_groups.items()}
-    norms = topology_norms([labels_NDHW[i] for i in train_idx], config.structures)
-    plausible = topology_plausible(list(predictions), norms)
-    plausibility = {"topology_share": float(plausible.mean()), "shape_prior_share": None,
-                    "by_group": {name: plausibility_by_group(plausible, labels) for name, labels in test_groups.items()}}
-    if config.shape_prior:
-        plausibility.update(_shape_prior_plausibility(config.shape_prior, predictions, labels_NDHW[train_idx],
-                                                      plausible, test_groups))
-    out = {"structures": names, "per_structure": per_structure, "dice_per_subject": dice_N.tolist(),
-           "fairness": fairness, "plausibility": plausibility}
-    if config.rca_references > 0:
-        out["rca"] = _rca(images_NCDHW, predictions, labels_NDHW, train_idx, test_idx, dice_N, test_groups,
-                          config=config, seed=seed)
-    return out
+    return {"per_structure": per_structure, "dice_per_subject": dice_NS.mean(axis=1).tolist()}
 
 
 def _shape_prior_plausibility(path: str, predictions, train_labels, topology_ok, groups) -> dict[str, Any]:
@@ -107,24 +133,32 @@ def _shape_prior_plausibility(path: str, predictions, train_labels, topology_ok,
             "combined_by_group": {name: plausibility_by_group(plausible, labels) for name, labels in groups.items()}}
 
 
-def _rca(images, predictions, labels_NDHW, train_idx, test_idx, true_dice_N, groups, *, config, seed) -> dict[str, Any]:
-    """RCA's Dice estimate of every test prediction from `rca_references` training subjects, against the truth."""
+def _rca(train: LabelledSet, test_images, predictions, true_dice_N, groups, *, config, seed) -> dict[str, Any]:
+    """RCA's Dice estimate of every test prediction from `rca_references` labelled subjects; against the truth when
+    the test subjects have labels."""
     from rafmedia.evaluate.rca import estimate_dice, estimated_gap
 
-    references = np.random.default_rng(seed).permutation(train_idx)[:config.rca_references]
-    image_array = images.numpy()
-    estimated = estimate_dice(image_array[test_idx], predictions, image_array[references], labels_NDHW[references],
-                              structures=config.structures, method=config.rca_method, seed=seed)
+    references = np.random.default_rng(seed).permutation(len(train.labels))[:config.rca_references]
+    estimated = estimate_dice(test_images.numpy(), predictions, train.images.numpy()[references],
+                              train.labels[references], structures=config.structures, method=config.rca_method,
+                              seed=seed)
     estimated = np.nanmean(estimated, axis=1)  # a structure absent from both maps is undefined, not 0
-    out = {"pearson": _pearson(estimated, true_dice_N), "true_dice": true_dice_N.tolist(),
-           "estimated_dice": estimated.tolist(), "num_references": int(len(references)),
-           "true_gap": {}, "estimated_gap": {}, "sign_right": {}, "worst_group": {}}
+    out: dict[str, Any] = {"estimated_dice": estimated.tolist(), "num_references": int(len(references)),
+                           "estimated_gap": {}, "worst_group": {}}
+    if true_dice_N is not None:
+        out.update({"pearson": _pearson(estimated, true_dice_N), "true_dice": true_dice_N.tolist(), "true_gap": {},
+                    "sign_right": {}})
     for name, labels in groups.items():
-        true, guess = _group_means(true_dice_N, labels), estimated_gap(estimated, labels)
+        guess = estimated_gap(estimated, labels)
+        out["estimated_gap"][name] = guess["gap"]
+        out["worst_group"][name] = {"estimated": guess["worst_group"]}
+        if true_dice_N is None:
+            continue
+        true = _group_means(true_dice_N, labels)
         true_gap = max(true.values()) - min(true.values()) if len(true) > 1 else float("nan")
-        out["true_gap"][name], out["estimated_gap"][name] = true_gap, guess["gap"]
-        out["worst_group"][name] = {"true": min(true, key=true.get), "estimated": guess["worst_group"]}
+        out["true_gap"][name] = true_gap
+        out["worst_group"][name]["true"] = min(true, key=true.get)
         # the worst group found without labels is the true one (undefined when the groups do not differ)
-        out["sign_right"][name] = (out["worst_group"][name]["true"] == out["worst_group"][name]["estimated"]
+        out["sign_right"][name] = (out["worst_group"][name]["true"] == guess["worst_group"]
                                    if np.isfinite(true_gap) and true_gap > 0 else None)
     return out

@@ -405,6 +405,9 @@ def _segmentation_section(report: dict[str, Any]) -> str:
         *[_img(figures.segmentation_group_figure(report, a), f"Dice by {a}") for a in attributes],
         _note("Gap = max - min of the groups' mean Dice (permutation p-value); SER = max_g(1 - Dice_g) / "
               "min_g(1 - Dice_g).") if attributes else "",
+        _note("This cohort has no label maps: the Dice by group above is RCA's estimate (the head and the RCA "
+              "references come from evaluate.segmentation.reference_cohort).")
+        if any(s.get("fairness_source") == "rca_estimate" for s in entries.values()) else "",
         "<h3>Plausibility</h3>" if plausibility else "",
         _html_table(["encoder", "subjects", "n", "topologically plausible share", "shape-prior plausible share"],
                plausibility) if plausibility else "",

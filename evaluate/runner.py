@@ -28,7 +28,7 @@ from rafmedia.evaluate.cache import CacheKey, EmbeddingCache, cached_embeddings
 from rafmedia.evaluate.embed import embed_subjects, embedding_stability
 from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy,
                                        corruption_error, relative_corruption_error, summarize_groups)
-from rafmedia.evaluate.pixel import SegmentationConfig, segmentation_results
+from rafmedia.evaluate.pixel import LabelledSet, SegmentationConfig, segmentation_results
 from rafmedia.evaluate.probes import create_probe
 from rafmedia.evaluate.robustness import mean_corruption_error
 from rafmedia.evaluate.results import CellKey, ResultsStore, digest, jsonable
@@ -195,7 +195,8 @@ class CohortData:
     splits: dict[int, tuple[np.ndarray, np.ndarray]]
     groups: dict[str, np.ndarray]  # grouping name (attributes and their pairs) -> group label per subject
     digest: str
-    label_maps: np.ndarray | None = None  # (N, D, H, W) when evaluate.segmentation is on
+    label_maps: np.ndarray | None = None  # (N, D, H, W) when evaluate.segmentation is on and the cohort has them
+    reference: LabelledSet | None = None  # evaluate.segmentation.reference_cohort, loaded
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
@@ -216,10 +217,32 @@ def load_cohort(config: EvaluateConfig, *, progress: bool) -> CohortData:
     data = CohortData(store, rows, volumes, labels, splits, groups,
                       digest=digest(store.path.name, (store.path / "manifest.csv").read_text(encoding="utf-8")))
     if config.segmentation.enabled:
-        data.label_maps = load_volumes(store, [row["subject_id"] for row in rows], channel=config.segmentation.channel,
-                                       normalize=False, progress=progress)[:, 0].numpy().astype(np.int64)
+        data.label_maps = load_label_maps(store, rows, config.segmentation.channel, progress=progress,
+                                          required=not config.segmentation.reference_cohort)
         data.spacing = tuple(float(rows[0].get(f"spacing_{axis}", 1.0) or 1.0) for axis in range(3))
+        if config.segmentation.reference_cohort:
+            reference = CohortStore(config.segmentation.reference_cohort)
+            reference_rows = reference.read_manifest()
+            data.reference = LabelledSet(
+                load_volumes(reference, [row["subject_id"] for row in reference_rows], normalize=False,
+                             progress=progress),
+                load_label_maps(reference, reference_rows, config.segmentation.channel, progress=progress, required=True))
     return data
+
+
+def load_label_maps(store: CohortStore, rows: list[dict[str, Any]], channel: str, *, progress: bool,
+                    required: bool) -> np.ndarray | None:
+    """(N, D, H, W) integer label maps of the store's channel; None when it has none and they are not required."""
+    try:
+        store.shape(rows[0]["subject_id"], channel)
+    except UserError as missing:
+        if required:
+            raise UserError(f"evaluate.segmentation needs label maps in {store.path}: {missing}; set "
+                            "evaluate.segmentation.channel, or evaluate.segmentation.reference_cohort to a labelled "
+                            "store") from None
+        return None
+    return load_volumes(store, [row["subject_id"] for row in rows], channel=channel, normalize=False,
+                        progress=progress)[:, 0].numpy().astype(np.int64)
 
 
 def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: ResultsStore | None = None,
@@ -326,13 +349,25 @@ def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig
                                       seed=first.seed),
     }
     result["latent"]["projection"] = projection(clean[id(first.model)])
-    if data.label_maps is not None:
-        result["segmentation"] = segmentation_results(
-            first.model, data.volumes, data.label_maps, primary.train_idx, primary.test_idx, data.groups,
-            config=config.segmentation, spacing=data.spacing, seed=first.seed,
-            bootstrap_resamples=config.bootstrap_resamples, permutations=config.permutations,
-            min_group_size=config.min_group_size)
+    if config.segmentation.enabled:
+        result["segmentation"] = pixel_level(first.model, primary, data, config, seed=first.seed)
     return result
+
+
+def pixel_level(model, primary: ProbeFit, data: CohortData, config: EvaluateConfig, *, seed: int) -> dict[str, Any]:
+    """The segmentation stage: trained on the reference cohort and scored on every subject when there is one, else
+    trained and scored on the primary probe's split of the evaluated cohort."""
+    if data.reference is not None:
+        train, test_idx = data.reference, np.arange(len(data.rows))
+        test = LabelledSet(data.volumes, data.label_maps)
+    else:
+        train = LabelledSet(data.volumes[primary.train_idx], data.label_maps[primary.train_idx])
+        test_idx = primary.test_idx
+        test = LabelledSet(data.volumes[test_idx], data.label_maps[test_idx])
+    return segmentation_results(model, train, test, {name: labels[test_idx] for name, labels in data.groups.items()},
+                                config=config.segmentation, spacing=data.spacing, seed=seed,
+                                bootstrap_resamples=config.bootstrap_resamples, permutations=config.permutations,
+                                min_group_size=config.min_group_size)
 
 
 def projection(emb_ND: np.ndarray) -> dict[str, list[float]]:

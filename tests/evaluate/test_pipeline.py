@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from rafmedia.engine.encoders import create_encoder
+from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder
 from rafmedia.evaluate.pixel import SegmentationConfig
 from rafmedia.evaluate.runner import EvaluateConfig, run_evaluation
@@ -116,3 +117,35 @@ def test_without_alterations_the_index_is_the_mean_of_p_and_f_and_the_report_ren
         assert entry["raf"]["index"] == pytest.approx((entry["raf"]["performance"] + entry["raf"]["fairness"]) / 2)
     write_json(tmp_path / "out" / "report.json", result)
     assert "RAF index" in render_report(tmp_path / "out").read_text()
+
+
+def test_a_cohort_without_labels_is_scored_by_rca_from_a_labelled_reference_cohort(small_cohort, tmp_path):
+    """The evaluated cohort has images only: the head trains on the reference cohort, RCA estimates every subject's
+    Dice and the groups' estimated gap; nothing needs the evaluated cohort's labels."""
+    from rafmedia.shards.store import CohortStore, StoreConfig
+
+    reference, _ = small_cohort
+    rows = reference.read_manifest()
+    unlabelled = CohortStore.create(tmp_path / "unlabelled.zarr", config=StoreConfig(chunk_size=16), name="unlabelled")
+    for row in rows:
+        unlabelled.write_subject(row["subject_id"], channels={"image": reference.read(row["subject_id"])}, label=None,
+                                 attrs={})
+    unlabelled.write_manifest(rows)
+    torch.manual_seed(0)
+    weights = export_encoder(create_encoder("cnn3d_small", width=8, num_stages=2), tmp_path / "encoder.safetensors",
+                             architecture="cnn3d_small", options={"width": 8, "num_stages": 2}, card={"name": "fine"})
+    config = EvaluateConfig(cohort=str(unlabelled.path), encoders=[str(weights)], random_baseline=False, seeds=[0],
+                            alterations=[], bootstrap_resamples=20, permutations=19, ordinal_targets=[],
+                            segmentation=SegmentationConfig(enabled=True, head_steps=60, rca_references=4,
+                                                            reference_cohort=str(reference.path)))
+    segmentation = run_evaluation(config, progress=False)["encoders"]["fine"]["segmentation"]
+    assert segmentation["labelled"] is False and "per_structure" not in segmentation
+    estimated = np.array(segmentation["rca"]["estimated_dice"])
+    assert len(estimated) == len(rows) and np.isfinite(estimated).all() and (0 <= estimated).all()
+    sexes = np.array([row["sex"] for row in rows])
+    means = {sex: estimated[sexes == sex].mean() for sex in ("F", "M")}
+    assert segmentation["rca"]["estimated_gap"]["sex"] == pytest.approx(abs(means["F"] - means["M"]))
+    assert segmentation["estimated_fairness"]["sex"]["dice"]["gap"] == pytest.approx(abs(means["F"] - means["M"]))
+    missing = EvaluateConfig(**{**config.__dict__, "segmentation": SegmentationConfig(enabled=True)})
+    with pytest.raises(UserError, match="needs label maps"):
+        run_evaluation(missing, progress=False)
