@@ -79,6 +79,16 @@ class SmallCNN3d(PooledEncoder):
     def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
         return self.features(x_BCDHW)
 
+    def forward_pyramid(self, x_BCDHW: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map after the stem and after each stage, finest first (the last is `forward_features`):
+        what a dense head on frozen features needs, since the last map alone is 1/16 of the input or coarser."""
+        maps, x = [], self.features[0](x_BCDHW)
+        maps.append(x)
+        for start in range(1, len(self.features), 2):
+            x = self.features[start + 1](self.features[start](x))
+            maps.append(x)
+        return maps
+
 
 class MonaiResNet3d(PooledEncoder):
     """MONAI's 3D ResNet (`monai.networks.nets.resnet*`) as a trunk, without its classifier."""
@@ -93,9 +103,17 @@ class MonaiResNet3d(PooledEncoder):
         self.embed_dim = self.trunk.layer4[-1].conv2.out_channels if depth < 50 else self.trunk.layer4[-1].conv3.out_channels
 
     def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        return self.forward_pyramid(x_BCDHW)[-1]
+
+    def forward_pyramid(self, x_BCDHW: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of layer1..layer4, finest first (the last is `forward_features`)."""
         t = self.trunk
         x = t.maxpool(t.act(t.bn1(t.conv1(x_BCDHW))))
-        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        maps = []
+        for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
+            x = layer(x)
+            maps.append(x)
+        return maps
 
 
 @ENCODERS.register("cnn3d_small", family="cnn")

@@ -57,7 +57,8 @@ def _device(module: nn.Module) -> torch.device:
 @torch.no_grad()
 def encoder_features(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.ndarray, *,
                      batch_size: int) -> torch.Tensor:
-    """The frozen encoder's feature maps (N, F, d, h, w) of z-scored volumes, in eval mode (restored after).
+    """The frozen encoder's dense feature maps (N, F, d, h, w) of z-scored volumes (`dense_features`), in eval mode
+    (restored after).
 
     Volumes are z-scored per volume (`rafmedia.shards.stream.normalize_intensity`); z-scoring is idempotent, so
     volumes from `load_volumes(normalize=True)` come out the same.
@@ -69,11 +70,24 @@ def encoder_features(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.ndarra
     was_training, device = encoder.training, _device(encoder)
     encoder.eval()
     try:
-        chunks = [encoder.forward_features(normalize_intensity(volumes[start:start + batch_size]).to(device))
+        chunks = [dense_features(encoder, normalize_intensity(volumes[start:start + batch_size]).to(device))
                   for start in range(0, len(volumes), batch_size)]
     finally:
         encoder.train(was_training)
     return torch.cat(chunks)
+
+
+def dense_features(encoder: nn.Module, x_BCDHW: torch.Tensor) -> torch.Tensor:
+    """`forward_features`, or, for encoders with `forward_pyramid` (the CNNs), every level from the second finest
+    down, upsampled to the second-finest level's size and concatenated: the last map alone is too coarse to
+    segment small structures, and the finest (stem) level would cost eight times the memory."""
+    if not hasattr(encoder, "forward_pyramid"):
+        return encoder.forward_features(x_BCDHW)
+    levels = encoder.forward_pyramid(x_BCDHW)
+    levels = levels[1:] if len(levels) > 2 else levels
+    size = levels[0].shape[2:]
+    return torch.cat([levels[0], *[F.interpolate(level, size=size, mode="trilinear", align_corners=False)
+                                   for level in levels[1:]]], dim=1)
 
 
 def _check_labels(labels_NDHW, volumes_NCDHW, num_classes: int) -> torch.Tensor:

@@ -33,3 +33,20 @@ def test_small_cnn_norms_give_finite_embeddings(norm):
 def test_unknown_norm_is_a_user_error():
     with pytest.raises(UserError, match="did you mean 'batch'"):
         create_encoder("cnn3d_small", norm="batchh")
+
+
+@pytest.mark.parametrize("name, options", [("cnn3d_small", {"width": 4}), ("resnet10_3d", {})])
+def test_a_feature_pyramid_ends_with_forward_features_and_the_dense_head_input_concatenates_its_levels(name, options):
+    from rafmedia.evaluate.seg_head import dense_features
+
+    encoder = create_encoder(name, **options).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        levels = encoder.forward_pyramid(x)
+        assert torch.equal(levels[-1], encoder.forward_features(x))
+        sizes = [level.shape[-1] for level in levels]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)  # finest first, each coarser
+        dense = dense_features(encoder, x)
+    assert dense.shape[1] == sum(level.shape[1] for level in levels[1:])
+    assert dense.shape[2:] == levels[1].shape[2:]
+    torch.testing.assert_close(dense[:, :levels[1].shape[1]], levels[1])  # the second-finest level is kept as is
