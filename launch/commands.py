@@ -254,6 +254,9 @@ LISTINGS = {
     "probes": "rafmedia.evaluate.probes:list_probes",
     "intensity-policies": "rafmedia.shards.preprocess:list_intensity_policies",
     "wrappers": "rafmedia.engine.wrappers:list_wrappers",
+    "encoder-sources": "rafmedia.evaluate.encoders:list_encoder_sources",
+    "reverse-classifiers": "rafmedia.evaluate.rca:list_reverse_classifiers",
+    "group-metrics": "rafmedia.evaluate.fairness:list_group_metrics",
 }
 
 
