@@ -84,13 +84,6 @@ def _html_table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    """The table of `shards.datasheet_figures`, whose contract is older: a str cell starting with "<" is markup
-    (that module escapes such values itself)."""
-    return _html_table(header, [[Markup(c) if isinstance(c, str) and c.startswith("<") else c for c in row]
-                                for row in rows])
-
-
 def _img(png: bytes | None, alt: str) -> str:
     if png is None:
         return ""

@@ -1,6 +1,6 @@
 """Figures (matplotlib, Agg) and the Markdown / HTML pages of a datasheet, drawn from its JSON only.
 
-The HTML helpers (`_table`, `_img`, the style sheet) and the PNG helpers are those of the RAF report
+The HTML helpers (`_html_table`, `_img`, the style sheet) and the PNG helpers are those of the RAF report
 (`rafmedia.evaluate.report`, `rafmedia.evaluate.figures`), so both pages look and behave alike.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from rafmedia.evaluate.figures import _png, _pyplot
-from rafmedia.evaluate.report import STYLE, _img, _table
+from rafmedia.evaluate.report import STYLE, _html_table, _img
 
 RARE_COLOUR, COMMON_COLOUR = "#c0392b", "#4c72b0"
 
@@ -202,11 +202,6 @@ def render_markdown(sheet: dict[str, Any], figure_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _html_cell(value: Any) -> Any:
-    # The report's _table escapes every cell except those starting with "<" (its own markup): escape those here.
-    return html.escape(value) if isinstance(value, str) and value.startswith("<") else value
-
-
 def render_html(sheet: dict[str, Any], figures: dict[str, bytes]) -> str:
     rare = _rare_summary(sheet)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>datasheet: {html.escape(sheet['title'])}</title>"
@@ -220,7 +215,7 @@ def render_html(sheet: dict[str, Any], figures: dict[str, bytes]) -> str:
               "Shape and spacing": ["geometry"], "Voxel intensities": ["intensity"]}
     shown: set[str] = set()
     for heading, header, rows, note in _tables(sheet):
-        parts += [f"<h2>{html.escape(heading)}</h2>", _table(header, [[_html_cell(c) for c in row] for row in rows])]
+        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, rows)]  # every cell escaped once
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         for prefix, names in placed.items():

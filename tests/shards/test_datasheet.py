@@ -166,3 +166,13 @@ def test_cli_writes_the_datasheet_and_reports_errors_in_one_line(small_cohort, t
         main(["shards", "datasheet", "--help"])
     helped = capsys.readouterr().out
     assert exit_info.value.code == 0 and "usage: raf shards datasheet" in helped and "examples:" in helped
+
+
+def test_html_escapes_every_category_exactly_once(tmp_path):
+    """A category that looks like markup ("<unknown>", "a & b") is shown as text, escaped once (not twice)."""
+    rows = [{"subject_id": f"s{i}", "scanner": ["<unknown>", "a & b"][i % 2]} for i in range(6)]
+    html_path = write_datasheet(rows, out=tmp_path, config=DatasheetConfig(attributes=["scanner"]), title="t",
+                                read_sample=None, progress=False)
+    page = html_path.read_text()
+    assert "<td>&lt;unknown&gt;</td>" in page and "<td>a &amp; b</td>" in page
+    assert "&amp;lt;" not in page and "&amp;amp;" not in page and "<td><unknown>" not in page
