@@ -171,7 +171,8 @@ def test_bf16_autocast_trains_on_cpu_close_to_fp32(volumes, tmp_path):
         task = _rotation_task()
         runs[precision] = train(task, view_batches(volumes, task.views, batch_size=4, seed=0), progress=False,
                                 out_dir=tmp_path / precision, config=TrainConfig(
-                                    steps=2, batch_size=4, warmup_steps=1, precision=precision, tensorboard=False))
+                                    steps=2, batch_size=4, lr=5e-4, warmup_steps=1, precision=precision,
+                                    tensorboard=False))
     bf16, fp32 = runs["bf16"].losses, runs["fp32"].losses
     assert bf16[0] != fp32[0]  # bf16 did run in bf16
     # The first step sees the same weights: only bf16 rounding (8-bit mantissa, 0.4% per op) separates the losses.
