@@ -251,9 +251,8 @@ STAGES = [
 def timed_evaluation(config, clock: StageClock | None = None) -> tuple[float, str | None]:
     """Seconds of `run_evaluation(config, progress=False)`; with a clock, its stages are timed into it.
 
-    Returns (seconds, None), or (seconds until the error, its message) when a run with no alterations raises a
-    `UserError`: the runner's last step (mCE over alterations, after every cell is computed) may refuse an empty
-    alteration list, and the time of the work before it is still the figure wanted.
+    Returns (seconds, None), or (seconds until the error, its message) when the run raises a `UserError`: the time
+    of the work before it is still the figure wanted.
     """
     import importlib
 

@@ -13,19 +13,17 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from rafmedia.engine.distributed import Place, gather_objects, init_distributed, place_from_environment
-from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.errors import UserError
-from rafmedia.engine.export import load_encoder
 from rafmedia.evaluate import downstream, latent, raf
 from rafmedia.evaluate.cache import CacheKey, EmbeddingCache, cached_embeddings
 from rafmedia.evaluate.embed import embed_subjects, embedding_stability
+from rafmedia.evaluate.entries import EncoderEntry, build_entries
 from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy,
                                        corruption_error, relative_corruption_error, summarize_groups)
 from rafmedia.evaluate.pixel import LabelledSet, SegmentationConfig, segmentation_results
@@ -99,20 +97,6 @@ class EvaluateConfig:
         return digest(settings, RESULTS_VERSION)
 
 
-@dataclass
-class Replicate:
-    seed: int
-    model: torch.nn.Module
-
-
-@dataclass
-class EncoderEntry:
-    name: str
-    source: str
-    replicates: list[Replicate]
-    digest: str  # the results store's key of this encoder
-
-
 def binary_labels(rows: list[dict[str, Any]], target: str) -> np.ndarray:
     """0/1 labels for a target column: numbers > 0 are positive; two-valued strings map in sorted order."""
     values = [row[target] for row in rows]
@@ -122,59 +106,6 @@ def binary_labels(rows: list[dict[str, Any]], target: str) -> np.ndarray:
     if len(levels) != 2:
         raise UserError(f"target '{target}' must be binary for the linear probe; it has values {levels}")
     return np.array([levels.index(str(value)) for value in values])
-
-
-def parse_encoder(item: str) -> tuple[str, str | None]:
-    """`SPEC` or `SPEC=WEIGHTS`: an export (`run/encoder.safetensors`), or `timm:NAME=w.safetensors`,
-    `monai:NAME=w.pt`, `package.module:factory=w.safetensors` (`rafmedia.evaluate.encoders`)."""
-    spec, _, weights = item.partition("=")
-    return spec, weights or None
-
-
-def build_entries(config: EvaluateConfig) -> list[EncoderEntry]:
-    """One entry per encoder (named by its card, else by its spec and weights file; by card and file when names
-    clash), plus the random baseline: the first export's architecture re-initialised per seed, or, with no export,
-    the first encoder's factory without weights."""
-    from rafmedia.evaluate.encoders import load_any_encoder
-
-    if len(set(config.encoders)) != len(config.encoders):
-        raise UserError(f"an encoder is given twice: {config.encoders}")
-    loaded = []
-    for item in config.encoders:
-        spec, weights = parse_encoder(item)
-        model, info = load_any_encoder(spec, weights=weights, options=config.encoder_options.get(spec))
-        card = load_encoder(spec)[1] if info["source"] == "rafmedia" else None
-        name = (card or {}).get("name") or (spec if weights is None else f"{spec} ({Path(weights).name})")
-        loaded.append((item, model, info, card, name))
-    names = [name for *_, name in loaded]
-    entries = []
-    for item, model, info, card, name in loaded:
-        if names.count(name) > 1:
-            name = f"{name} ({Path(item).parent.name}/{Path(item).name})"
-        entries.append(EncoderEntry(name=name, source=item, replicates=[Replicate(seed, model) for seed in config.seeds],
-                                    digest=info["digest"]))
-    if config.random_baseline:
-        entries.append(random_baseline(loaded, config))
-    return entries
-
-
-def random_baseline(loaded: list[tuple], config: EvaluateConfig) -> EncoderEntry:
-    cards = [card for _, _, _, card, _ in loaded if card is not None]
-    if cards:
-        card = cards[0]
-        replicates = []
-        for seed in config.seeds:
-            torch.manual_seed(seed)
-            replicates.append(Replicate(seed, create_encoder(card["architecture"], **card.get("options", {})).eval()))
-        return EncoderEntry(name=f"random-init {card['architecture']}", source="random initialisation",
-                            replicates=replicates, digest=digest("random-init", card["architecture"],
-                                                                 card.get("options", {}), config.seeds))
-    from rafmedia.evaluate.encoders import load_any_encoder
-
-    spec, _ = parse_encoder(loaded[0][0])
-    model, info = load_any_encoder(spec, options=config.encoder_options.get(spec))  # one fixed initialisation
-    return EncoderEntry(name=f"random-init {spec}", source="random initialisation",
-                        replicates=[Replicate(seed, model) for seed in config.seeds], digest=info["digest"])
 
 
 def split_indices(labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

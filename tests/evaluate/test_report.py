@@ -25,7 +25,8 @@ from rafmedia.evaluate.metrics import summarize_groups
 from rafmedia.evaluate.plausibility import plausibility_by_group
 from rafmedia.evaluate.raf import RAF_FORMULA, degradation
 from rafmedia.evaluate.rca import estimated_gap
-from rafmedia.evaluate.report import render_html, render_markdown, render_report
+from rafmedia.evaluate.report import render_html, render_report
+from rafmedia.evaluate.report_md import render_markdown
 from rafmedia.evaluate.robustness import corruption_summary
 from rafmedia.shards.datasheet import DatasheetConfig, compute_datasheet
 
