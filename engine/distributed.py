@@ -67,8 +67,13 @@ def init_distributed(place: Place, timeout_minutes: float = 30.0) -> None:
     if place.world_size == 1 or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, rank=place.rank, world_size=place.world_size,
-                            timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    store, _, _ = next(dist.rendezvous("env://", rank=place.rank, world_size=place.world_size, timeout=timeout))
+    # torchrun's static rendezvous keeps one store for all restarts: a restarted group would read the killed group's
+    # gloo addresses under the same keys (connection refused, or a hang), so each attempt gets its own key prefix
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"rafmedia/attempt{attempt}/", store), rank=place.rank,
+                            world_size=place.world_size, timeout=timeout)
 
 
 def barrier() -> None:

@@ -60,6 +60,17 @@ def _check_finite(loss: torch.Tensor) -> None:
         raise NonFiniteLoss(float(loss.detach().float().item()))
 
 
+def cpu_half_precision_kernels(device: torch.device, dtype: torch.dtype | None):
+    """Runs half precision on CPU with PyTorch's own kernels instead of oneDNN's.
+
+    oneDNN 3.12 (torch 2.13's CPU build) returns garbage weight gradients for a bf16 conv3d over a 2x2x2 map with 16
+    or more channels (different at every call, sometimes inf); the encoders' last stage has such maps on small crops.
+    Full precision and CUDA are unaffected and keep their kernels."""
+    if device.type == "cpu" and dtype is not None:
+        return torch.backends.mkldnn.flags(enabled=False)
+    return contextlib.nullcontext()
+
+
 class TorchWrapper:
     """Plain PyTorch, optionally under DistributedDataParallel; autocast for bf16/fp16 (with a GradScaler for fp16)."""
 
@@ -78,7 +89,7 @@ class TorchWrapper:
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> dict[str, Any]:
         sync = contextlib.nullcontext() if boundary or self.model is self.task else self.model.no_sync()
-        with sync:
+        with sync, cpu_half_precision_kernels(self.device, self.dtype):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 outputs = self.model(batch)
             _check_finite(outputs["loss"])
@@ -204,16 +215,17 @@ class DeepSpeedWrapper:
                                        auto_mpi_discovery=False)
             self.engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                                         config=deepspeed_config(config))
-        self.task, self.scheduler, self.place = task, scheduler, place
+        self.task, self.scheduler, self.place, self.device = task, scheduler, place, device
         self.dtype = PRECISIONS[config.precision]
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> dict[str, Any]:
         if self.dtype is not None:  # DeepSpeed casts the weights, the inputs are ours to cast
             batch = {key: value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
                      for key, value in batch.items()}
-        outputs = self.engine(batch)
-        _check_finite(outputs["loss"])
-        self.engine.backward(outputs["loss"])
+        with cpu_half_precision_kernels(self.device, self.dtype):
+            outputs = self.engine(batch)
+            _check_finite(outputs["loss"])
+            self.engine.backward(outputs["loss"])
         self.engine.step()  # only a bookkeeping call until the accumulation boundary
         return outputs
 

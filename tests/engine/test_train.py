@@ -253,3 +253,34 @@ def test_profiling_writes_a_trace_of_the_requested_steps_only(volumes, tmp_path)
     steps = sorted({event["name"] for event in events if event.get("name", "").startswith("ProfilerStep#")})
     assert steps == ["ProfilerStep#3", "ProfilerStep#4"]  # the 4th and 5th steps of the run, counted from 0
     assert any(event.get("name") == "aten::convolution" for event in events)  # the encoder's forward is in it
+
+
+def test_bf16_on_cpu_gives_the_fp32_weight_gradient_of_a_conv3d_on_a_2x2x2_map():
+    """oneDNN's bf16 conv3d backward returns garbage on such maps (a different value at each call, sometimes inf):
+    the wrapper runs CPU half precision on PyTorch's own kernels (`wrappers.cpu_half_precision_kernels`)."""
+    from torch import nn
+
+    from rafmedia.engine.distributed import Place
+    from rafmedia.engine.wrappers import create_wrapper
+
+    class ConvTask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(16, 16, 3, padding=1, bias=False)
+
+        def forward(self, batch):
+            return {"loss": self.conv(batch["x"]).float().square().mean()}
+
+    torch.manual_seed(0)
+    task, batch = ConvTask(), {"x": torch.randn(4, 16, 2, 2, 2)}
+    task(batch)["loss"].backward()
+    reference = task.conv.weight.grad.clone()
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.0)
+    wrapper = create_wrapper("plain", task=task, optimizer=optimizer, place=Place(), device=torch.device("cpu"),
+                             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                             config=TrainConfig(precision="bf16"))
+    for _ in range(10):
+        task.zero_grad()
+        wrapper.micro_step(batch, boundary=True)
+        # bf16 inputs and weights (8-bit mantissa) over 432-term sums: within 2% of the largest fp32 gradient
+        torch.testing.assert_close(task.conv.weight.grad, reference, rtol=0, atol=0.02 * float(reference.abs().max()))
