@@ -12,6 +12,9 @@ All three follow the `PooledEncoder` contract of `engine/encoders.py` (`embed_di
 - `swin_3d` builds the `SwinTransformer` that `monai.networks.nets.SwinUNETR` builds, in a submodule named
   `swinViT` as there, so exported weights load into a SwinUNETR's `swinViT` unchanged. The last stage
   (16 x feature_size channels, input / 32 per axis) is the feature map; pooled = its global average.
+- Dense heads (the evaluator's segmentation head) read Swin's `forward_pyramid`, its five normalised maps (input / 2
+  to / 32). The ViT has one resolution, the patch grid; adding earlier blocks' grids (UNETR's skip depths) did not
+  help a frozen-feature head (benchmarks/RESULTS.md), so it has no pyramid.
 - `timm2d_slices` applies a timm 2D backbone (timm imported only through `torchvision_compat`) to every slice
   along one axis; with `neighbours=k` each slice is stacked with its k neighbours on each side as channels
   (2.5D; edges repeat the border slice). Slice feature maps are stacked back along the slice axis, so the
@@ -119,10 +122,15 @@ class SwinEncoder3d(PooledEncoder):
         self.downsampling = 2 ** (len(depths) + 1)  # the stride-2 patch embedding, then one merge per stage
 
     def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        return self.forward_pyramid(x_BCDHW)[-1]
+
+    def forward_pyramid(self, x_BCDHW: torch.Tensor) -> list[torch.Tensor]:
+        """The normalised maps SwinUNETR's decoder reads: the patch embedding (input / 2) and each stage's output
+        (input / 4 ... / 32), finest first; the last is `forward_features`."""
         factor = self.downsampling
         if any(size % factor for size in x_BCDHW.shape[2:]):
             raise UserError(f"swin_3d needs every spatial size divisible by {factor}, got {tuple(x_BCDHW.shape[2:])}")
-        return self.swinViT(x_BCDHW.contiguous(), normalize=True)[-1]
+        return list(self.swinViT(x_BCDHW.contiguous(), normalize=True))
 
 
 class Timm2dSlices(PooledEncoder):
@@ -138,7 +146,7 @@ class Timm2dSlices(PooledEncoder):
             raise unknown_name_error("slice axis", axis, SLICE_AXES)
         if neighbours < 0:
             raise UserError(f"neighbours must be >= 0 (slices taken on each side for 2.5D), got {neighbours}")
-        if backbone not in timm.list_models():
+        if not timm.is_model(backbone):  # a name, or a name with a pretrained tag (resnet18.a1_in1k)
             raise UserError(f"unknown timm backbone '{backbone}';{did_you_mean(backbone, timm.list_models())} "
                             f"(see `timm.list_models()`)")
         self.axis, self.neighbours = axis, neighbours

@@ -16,6 +16,7 @@ Layout on disk (zarr v3)::
 
 Every batch is written completely into `.staging/` and then renamed into its cohort group, so a process
 killed mid-write leaves only a staged batch that no reader looks at: a key is either fully there or missing.
+Staged entries untouched for six hours (killed writers' leftovers) are removed by the next writer.
 When a key was written twice, the newest batch wins.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ CACHE_FORMAT = "rafmedia.embedding_cache/1"
 CLEAN = "clean"
 MAX_SEVERITY = 5
 STAGING = ".staging"
+STALE_STAGING_S = 6 * 3600  # staged entries older than this were left by killed writers
 ROWS_PER_CHUNK = 4096
 STORED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -77,6 +79,7 @@ class EmbeddingCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._staging_swept = False  # stale staged entries are removed once, at this instance's first write
         if (self.path / "zarr.json").is_file():
             attrs = dict(zarr.open_group(str(self.path), mode="r").attrs)
             if attrs.get("format") != CACHE_FORMAT:
@@ -191,11 +194,31 @@ class EmbeddingCache:
         staging = self.path / STAGING
         if not (staging / "zarr.json").is_file():  # a group, so zarr tools see a valid hierarchy
             zarr.open_group(str(staging), mode="a", zarr_format=3)
+        if not self._staging_swept:
+            remove_stale_staging(staging)
+            self._staging_swept = True
         return staging
 
     def _group_path(self, digest: str, cohort: str) -> Path:
         # Percent-encode the cohort (and its dots, so '..' or a hidden name cannot occur) into one folder name.
         return self.path / digest / quote(cohort, safe="").replace(".", "%2E")
+
+
+def remove_stale_staging(staging: Path, max_age_s: float = STALE_STAGING_S) -> int:
+    """Removes what killed writers left in `.staging/` (untouched for `max_age_s`; a live writer stages one batch
+    in seconds). Returns how many entries were removed."""
+    removed = 0
+    for entry in staging.iterdir():
+        if entry.name == "zarr.json":
+            continue
+        try:
+            stale = time.time() - entry.stat().st_mtime > max_age_s
+        except FileNotFoundError:  # its writer just published or removed it
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def cached_embeddings(cache: EmbeddingCache, keys: Sequence[Sequence[Any]],

@@ -79,8 +79,8 @@ def load_any_encoder(spec: str, *, weights: str | None = None,
 
     Returns:
         `(module, info)`: the module in eval mode, and `info` with `source`, `spec`, `weights`, `embed_dim`,
-        `digest` (16 hex digits of sha256 over the weights bytes, the spec and the options), `adapter`,
-        `stripped_prefix`, `dropped_keys` and `state_dict_key`.
+        `digest` (16 hex digits of sha256 over the weights bytes, the spec, the options and the model card or the
+        factory's source file), `adapter`, `stripped_prefix`, `dropped_keys` and `state_dict_key`.
     """
     options = dict(options or {})
     loader = {key: options.pop(key) for key in LOADER_OPTIONS if key in options}
@@ -189,7 +189,18 @@ def create_module_source(target: str, *, options: dict) -> BuiltEncoder:
             raise UserError(f"'{module_name}' has no attribute '{attribute}' (encoder '{target}')")
         factory = getattr(factory, part)
     module = _call_factory(factory, options, what=target)
-    return BuiltEncoder(module, weights_into=module, info={"architecture": target})
+    return BuiltEncoder(module, weights_into=module, info={"architecture": target},
+                        digest_files=_source_file(factory))
+
+
+def _source_file(factory: Any) -> tuple[Path, ...]:
+    """The file that defines `factory`, so that editing it changes the encoder's digest (and re-embeds); none for
+    factories without a Python source (builtins, C extensions)."""
+    try:
+        path = Path(inspect.getsourcefile(factory) or "")
+    except TypeError:
+        return ()
+    return (path,) if path.is_file() else ()
 
 
 def _call_factory(factory: Callable, options: dict, *, what: str) -> nn.Module:

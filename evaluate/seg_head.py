@@ -78,8 +78,8 @@ def encoder_features(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.ndarra
 
 
 def dense_features(encoder: nn.Module, x_BCDHW: torch.Tensor) -> torch.Tensor:
-    """`forward_features`, or, for encoders with `forward_pyramid` (the CNNs), every level from the second finest
-    down, upsampled to the second-finest level's size and concatenated: the last map alone is too coarse to
+    """`forward_features`, or, for encoders with `forward_pyramid` (the CNNs and Swin), every level from the second
+    finest down, upsampled to the second-finest level's size and concatenated: the last map alone is too coarse to
     segment small structures, and the finest (stem) level would cost eight times the memory."""
     if not hasattr(encoder, "forward_pyramid"):
         return encoder.forward_features(x_BCDHW)

@@ -100,6 +100,8 @@ EXAMPLES = {
   raf submit evaluate configs/eval.yaml --encoder 'runs/*/encoder.safetensors' --cohort runs/siteA --cohort runs/siteB
       (one array task per checkpoint x cohort; slurm.array_parallelism of them at once)
   raf submit pretrain configs/tiny.yaml --cohort runs/synth --wait     # block until it finishes
+  raf submit ingest default --input subjects.csv --out runs/ct --num-tasks 16 ingest.spacing=[1.5,1.5,2.0]
+      (16 array tasks share the subjects, then one `raf shards consolidate` job runs when all have succeeded)
   Resources: the slurm section of the config (nodes, tasks_per_node, gpus_per_node, cpus_per_task, mem_gb,
   time_min, partition, account, qos, constraint, sbatch: {any: option}, setup: [module load ...]).
   Preemption or the time limit: the job saves a checkpoint, requeues itself and resumes.""",
@@ -281,18 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="resample so that no side exceeds N voxels (default: 128)")
 
     submit = commands.add_parser(
-        "submit", help="run pretrain or evaluate as a SLURM job (submitit): requeued and resumed on preemption",
-        description="Submit `raf pretrain` or `raf evaluate` with CONFIG as a SLURM job through submitit. Resources come "
-        "from the config's slurm section; every task of the job resolves its rank from SLURM. On preemption or at the "
-        "time limit the job checkpoints, requeues itself and resumes. Evaluation over several checkpoints x cohorts "
-        "is one job array.", epilog=EXAMPLES["submit"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
-    submit.add_argument("what", choices=["pretrain", "evaluate"], help="the command to run in the job")
+        "submit", help="run pretrain, evaluate or ingest as SLURM jobs (submitit): requeued and resumed on preemption",
+        description="Submit `raf pretrain`, `raf evaluate` or `raf shards ingest` with CONFIG as SLURM jobs through "
+        "submitit. Resources come from the config's slurm section; every task of the job resolves its rank from SLURM. "
+        "On preemption or at the time limit the job checkpoints, requeues itself and resumes. Evaluation over several "
+        "checkpoints x cohorts is one job array; ingest is one array over --num-tasks shares of the subjects followed "
+        "by a consolidation job.", epilog=EXAMPLES["submit"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
+    submit.add_argument("what", choices=["pretrain", "evaluate", "ingest"], help="the command to run in the job")
     submit.add_argument("config_file", metavar="CONFIG", help="YAML config of the run (path or packaged name)")
     submit.add_argument("--out", metavar="DIR", help="output folder (default: runs/<command>)")
     submit.add_argument("--cohort", metavar="STORE", action="append", dest="cohort_list", default=[],
                         help="cohort store; evaluate: repeat for several")
     submit.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
                         help="evaluate: exported encoder or glob; repeat for several")
+    submit.add_argument("--input", metavar="PATH", help="ingest: CSV/TSV listing, BIDS-like folder or folder of images")
+    submit.add_argument("--num-tasks", type=int, default=1, metavar="N",
+                        help="ingest: array tasks, each ingesting every Nth subject (default: 1)")
+    submit.add_argument("--skip-bad", action="store_true",
+                        help="ingest: the consolidation exits 0 even when some subjects were bad")
     submit.add_argument("--wait", action="store_true", help="wait until the job(s) finish; exit 1 if one failed")
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -268,31 +269,16 @@ def run_list(args: argparse.Namespace) -> list[str]:
 
 
 def run_submit(args: argparse.Namespace) -> list:
-    """`raf submit pretrain|evaluate CONFIG`: the same command as a SLURM job (an array for evaluation sweeps)."""
-    from rafmedia.launch.slurm import submit, submit_array, wait_for
+    """`raf submit pretrain|evaluate|ingest CONFIG`: the same command as a SLURM job (an array for evaluation sweeps
+    and for ingest over sub-cohorts)."""
+    from rafmedia.launch.slurm import wait_for
 
     config = load_config(args.config_file, args.overrides)
     out = Path(args.out or f"runs/{args.what}").resolve()
     config_file = str(Path(args.config_file).resolve()) if Path(args.config_file).is_file() else args.config_file
     common = ["--config", config_file, "--quiet", *args.overrides]
-    if args.what == "pretrain":
-        from rafmedia.engine.pretrain import validate_pretraining
-
-        if len(args.cohort_list) > 1:
-            raise UserError("raf submit pretrain takes one --cohort")
-        validate_pretraining(config.data, config.encoder, config.task, config.train)  # refused here, not in the queue
-        cohort = args.cohort_list[0] if args.cohort_list else config.data.cohort
-        if not cohort:
-            raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
-        common += ["--cohort", str(Path(resolve_store(cohort)).resolve())]
-        jobs = [submit(config.slurm, ["pretrain", *common, "--out", str(out)], job_name="raf-pretrain", out=str(out))]
-    else:
-        cells = evaluation_cells(args, config)
-        argvs = [["evaluate", *common, "--cohort", cohort, "--encoder", encoder, "--out", str(out / name)]
-                 for name, encoder, cohort in cells]
-        outs = [str(out / name) for name, _, _ in cells]
-        jobs = (submit_array(config.slurm, argvs, job_name="raf-evaluate", outs=outs) if len(argvs) > 1 else
-                [submit(config.slurm, argvs[0], job_name="raf-evaluate", out=outs[0])])
+    submit_jobs = {"pretrain": _submit_pretrain, "evaluate": _submit_evaluate, "ingest": _submit_ingest}[args.what]
+    jobs = submit_jobs(args, config, common, out)
     write_resolved(config, out, ["slurm"])
     for job in jobs:
         print(f"submitted {args.what} job {job.job_id} (logs: {job.paths.stdout})")
@@ -303,6 +289,59 @@ def run_submit(args: argparse.Namespace) -> list:
         wait_for(jobs)
         print(f"all {len(jobs)} job(s) finished; outputs in {out}")
     return jobs
+
+
+def _submit_pretrain(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:
+    from rafmedia.engine.pretrain import validate_pretraining
+    from rafmedia.launch.slurm import submit
+
+    if len(args.cohort_list) > 1:
+        raise UserError("raf submit pretrain takes one --cohort")
+    validate_pretraining(config.data, config.encoder, config.task, config.train)  # refused here, not in the queue
+    cohort = args.cohort_list[0] if args.cohort_list else config.data.cohort
+    if not cohort:
+        raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
+    common = [*common, "--cohort", str(Path(resolve_store(cohort)).resolve())]
+    return [submit(config.slurm, ["pretrain", *common, "--out", str(out)], job_name="raf-pretrain", out=str(out))]
+
+
+def _submit_evaluate(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:
+    from rafmedia.launch.slurm import submit, submit_array
+
+    cells = evaluation_cells(args, config)
+    argvs = [["evaluate", *common, "--cohort", cohort, "--encoder", encoder, "--out", str(out / name)]
+             for name, encoder, cohort in cells]
+    outs = [str(out / name) for name, _, _ in cells]
+    if len(argvs) == 1:
+        return [submit(config.slurm, argvs[0], job_name="raf-evaluate", out=outs[0])]
+    return submit_array(config.slurm, argvs, job_name="raf-evaluate", outs=outs)
+
+
+def _submit_ingest(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:
+    """One array task per share of the subjects, each `raf shards ingest --task-index i --num-tasks N`, then one
+    `raf shards consolidate` job that SLURM starts when every task has succeeded (and cancels if one failed)."""
+    from rafmedia.launch.slurm import submit, submit_array
+
+    if not args.input:
+        raise UserError("raf submit ingest needs --input PATH (a CSV/TSV listing, a BIDS-like folder or a folder of "
+                        "images)")
+    if args.num_tasks < 1:
+        raise UserError(f"--num-tasks must be >= 1, got {args.num_tasks}")
+    listing = Path(args.input)
+    if not listing.exists():
+        raise UserError(f"--input {listing} does not exist")
+    config.ingest.validate()  # refused here, not in the queue
+    # a bad subject is reported by the consolidation, not a failed task: the tasks always pass --skip-bad
+    argvs = [["shards", "ingest", *common, "--input", str(listing.resolve()), "--out", str(out), "--skip-bad",
+              "--task-index", str(index), "--num-tasks", str(args.num_tasks)] for index in range(args.num_tasks)]
+    tasks = submit_array(config.slurm, argvs, job_name="raf-ingest", outs=[str(out)] * len(argvs))
+    array_id = tasks[0].job_id.split("_")[0]
+    after = dataclasses.replace(config.slurm, nodes=1, tasks_per_node=1, gpus_per_node=0,
+                                sbatch={**config.slurm.sbatch, "dependency": f"afterok:{array_id}",
+                                        "kill_on_invalid_dep": "yes"})
+    consolidate = ["shards", "consolidate", str(out / "cohort.zarr"), "--num-tasks", str(args.num_tasks),
+                   *(["--skip-bad"] if args.skip_bad else [])]
+    return [*tasks, submit(after, consolidate, job_name="raf-consolidate", out=str(out))]
 
 
 def evaluation_cells(args: argparse.Namespace, config: RafConfig) -> list[tuple[str, str, str]]:

@@ -35,10 +35,11 @@ def test_unknown_norm_is_a_user_error():
         create_encoder("cnn3d_small", norm="batchh")
 
 
-@pytest.mark.parametrize("name, options", [("cnn3d_small", {"width": 4}), ("resnet10_3d", {})])
+@pytest.mark.parametrize("name, options", [("cnn3d_small", {"width": 4}), ("resnet10_3d", {}), ("swin_3d", {})])
 def test_a_feature_pyramid_ends_with_forward_features_and_the_dense_head_input_concatenates_its_levels(name, options):
     from rafmedia.evaluate.seg_head import dense_features
 
+    torch.manual_seed(0)
     encoder = create_encoder(name, **options).eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -50,3 +51,4 @@ def test_a_feature_pyramid_ends_with_forward_features_and_the_dense_head_input_c
     assert dense.shape[1] == sum(level.shape[1] for level in levels[1:])
     assert dense.shape[2:] == levels[1].shape[2:]
     torch.testing.assert_close(dense[:, :levels[1].shape[1]], levels[1])  # the second-finest level is kept as is
+

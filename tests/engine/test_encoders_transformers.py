@@ -130,6 +130,16 @@ def test_timm_slices_unknown_backbone_is_a_user_error():
         create_encoder("timm2d_slices", backbone="resnet18x")
 
 
+def test_timm_slices_take_a_name_with_a_pretrained_tag():
+    from rafmedia.engine.torchvision_compat import import_timm
+
+    timm = import_timm()
+    tagged = create_encoder("timm2d_slices", backbone="resnet18.a1_in1k")  # tag chooses weights; none are downloaded
+    plain = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    assert type(tagged.backbone) is type(plain) and tagged.embed_dim == plain.num_features == 512
+    assert tagged.backbone.pretrained_cfg["tag"] == "a1_in1k"
+
+
 @pytest.mark.parametrize("name, options", [
     ("vit_3d", {"hidden_size": 24, "num_layers": 2, "num_heads": 2, "pool": "cls"}),
     ("timm2d_slices", {"backbone": "resnet18", "neighbours": 1}),

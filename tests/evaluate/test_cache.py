@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from rafmedia.engine.errors import UserError
-from rafmedia.evaluate.cache import STAGING, CacheKey, EmbeddingCache, cached_embeddings
+from rafmedia.evaluate.cache import STAGING, STALE_STAGING_S, CacheKey, EmbeddingCache, cached_embeddings
 
 DIGEST = "0f27b7ede1567fd2"
 
@@ -150,6 +150,14 @@ def test_a_write_killed_after_the_data_but_before_publishing_reads_as_missing(tm
     result = cached_embeddings(cache, [first, second], compute)
     assert compute.calls == [[second]]
     assert np.array_equal(result[0], np.arange(4.0))
+
+    # the killed writer's leftover: kept while it could still be a live writer's, removed once stale
+    assert staged[0].exists()  # the write above swept .staging/, but the leftover is seconds old
+    past = time.time() - STALE_STAGING_S - 60
+    os.utime(staged[0], (past, past))
+    EmbeddingCache(path).put_many([(CacheKey(DIGEST, "c", "sub-3"), np.arange(4.0))])
+    assert not staged[0].exists()
+    assert [entry.name for entry in (path / STAGING).iterdir()] == ["zarr.json"]
 
 
 def test_a_writer_killed_with_sigkill_at_a_random_moment_leaves_only_whole_valid_batches(tmp_path):

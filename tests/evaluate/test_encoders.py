@@ -132,6 +132,19 @@ def test_without_weights_the_module_is_the_same_every_time_and_so_is_its_digest(
     assert load_any_encoder("torch.nn:Conv3d", options={**CONV, "out_channels": 5})[1]["digest"] != info_a["digest"]
 
 
+def test_editing_a_factorys_source_file_changes_the_digest(tmp_path, monkeypatch):
+    import importlib
+
+    source = tmp_path / "my_factory_module.py"
+    source.write_text("from torch import nn\n\ndef build(width=4):\n    return nn.Conv3d(1, width, 3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = load_any_encoder("my_factory_module:build")[1]["digest"]
+    assert load_any_encoder("my_factory_module:build")[1]["digest"] == first
+    source.write_text(source.read_text().replace("3)", "3, padding=1)"))  # same options and weights, other module
+    importlib.invalidate_caches()
+    assert load_any_encoder("my_factory_module:build")[1]["digest"] != first
+
+
 def test_ddp_prefix_is_stripped_and_reported(tmp_path):
     network = seeded(monai_resnet)
     save_file({f"module.{k}": v for k, v in network.state_dict().items()}, str(tmp_path / "ddp.safetensors"))

@@ -138,6 +138,38 @@ def test_an_evaluation_array_over_several_checkpoints_returns_every_result(clust
     assert all(float(row[3]) == pytest.approx(indices[row[1]], abs=1e-12) for row in rows)
 
 
+def test_an_ingest_array_and_its_consolidation_job_equal_a_one_process_ingest(cluster, tmp_path):
+    from tests.shards.test_ingest import TARGET, assert_same_store, write_cohort
+
+    listing = write_cohort(tmp_path / "files", 5)
+    with listing.open("a") as rows:  # a subject whose image is missing: reported by the consolidation, not fatal
+        rows.write("s99,s99_t1.nii.gz,s99_t2.nii.gz,s99_seg.nii.gz,site-a,F,50\n")
+    jobs = tmp_path / "jobs"
+    done = raf("submit", "ingest", "default", "--input", str(listing), "--out", str(tmp_path / "array"),
+               "--num-tasks", "2", "--wait", f"slurm.folder={jobs}", "slurm.cpus_per_task=1", "slurm.mem_gb=2",
+               "ingest.workers=1", TARGET, env=cluster, cwd=tmp_path)
+    # the tasks succeed; the consolidation job reports the bad subject and, without --skip-bad, fails
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "1 of 6 subjects were bad" in done.stderr and "Traceback" not in done.stderr
+    recorded = [json.loads(line) for line in (jobs / "jobs.jsonl").read_text().splitlines()]
+    assert [entry["command"] for entry in recorded] == ["raf-ingest", "raf-ingest", "raf-consolidate"]
+    tasks, consolidation = [entry["job_id"] for entry in recorded[:2]], recorded[2]["job_id"]
+    states = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,Start,End", "-j",
+                             ",".join([*tasks, consolidation])], env=cluster, capture_output=True, text=True).stdout
+    rows = {line.split("|")[0]: line.split("|")[1:] for line in states.splitlines()}
+    assert [rows[task][0] for task in tasks] == ["COMPLETED", "COMPLETED"], states
+    assert rows[consolidation][0] == "FAILED", states
+    assert rows[consolidation][1] >= max(rows[task][2] for task in tasks), states  # started after both ended
+
+    reference = raf("shards", "ingest", "--input", str(listing), "--out", str(tmp_path / "one"), "--skip-bad",
+                    "--quiet", "ingest.workers=1", TARGET, env=cluster, cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_store(tmp_path / "one" / "cohort.zarr", tmp_path / "array" / "cohort.zarr")
+    report = json.loads((tmp_path / "array" / "cohort.zarr" / "ingest_report.json").read_text())
+    assert report["num_tasks"] == 2 and report["counts"]["ingested"] == 5
+    assert [bad["subject_id"] for bad in report["bad"]] == ["s99"]
+
+
 @pytest.mark.parametrize("interruption", ["scontrol requeue", "USR1"])
 def test_a_requeued_or_signalled_job_resumes_to_the_uninterrupted_losses(interruption, cluster, cohort, tmp_path):
     options = ["train.steps=40", "train.checkpoint_every=5", *PRETRAIN]
