@@ -134,8 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RafArgumentParser)
-    formatter = argparse.RawDescriptionHelpFormatter
+    _add_run_commands(commands)
+    _add_data_commands(commands)
+    _add_cohort_and_alter_commands(commands)
+    _add_slurm_commands(commands)
+    listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
+    listing.add_argument("what", choices=sorted(LISTINGS))
+    return parser
 
+
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    """synth, pretrain, evaluate, leaderboard, report, quickstart."""
+    formatter = argparse.RawDescriptionHelpFormatter
     synth = commands.add_parser("synth", help="write the synthetic reference cohort (zarr store + manifest)",
                                 description="Generate the synthetic cohort (simplified 3D body scans with labels, "
                                 "demographics, per-site acquisition profiles and planted biases) into OUT/cohort.zarr, "
@@ -187,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`--config tiny` takes seconds.", epilog=EXAMPLES["quickstart"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(quickstart, "runs/quickstart")
 
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    """raf shards export | ingest | consolidate | datasheet."""
+    formatter = argparse.RawDescriptionHelpFormatter
     shards = commands.add_parser("shards", help="data layer: ingest, consolidate, datasheet, export",
                                  description="Data-layer tools: ingest image files into a cohort store (and "
                                  "consolidate an ingest split over array tasks), describe a store in a datasheet, "
@@ -247,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     datasheet.add_argument("--stride", type=int, default=4, help="read every Nth voxel along each axis (default: 4)")
     datasheet.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_cohort_and_alter_commands(commands: argparse._SubParsersAction) -> None:
+    """raf cohort build, raf alter preview."""
+    formatter = argparse.RawDescriptionHelpFormatter
     cohort = commands.add_parser("cohort", help="build train / public-test / hidden-test splits from a YAML spec",
                                  description="Cohort builder: aggregate stores, select, split by subject (or group), "
                                  "plant held-out sites, challenging cases and imbalance.")
@@ -282,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--max-size", type=int, default=128, metavar="N",
                          help="resample so that no side exceeds N voxels (default: 128)")
 
+
+def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
+    """raf submit, raf jobs."""
+    formatter = argparse.RawDescriptionHelpFormatter
     submit = commands.add_parser(
         "submit", help="run pretrain, evaluate or ingest as SLURM jobs (submitit): requeued and resumed on preemption",
         description="Submit `raf pretrain`, `raf evaluate` or `raf shards ingest` with CONFIG as SLURM jobs through "
@@ -313,10 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--lines", type=int, default=40, help="lines to print with --tail (default: 40)")
     jobs.add_argument("--cancel", metavar="JOB", help="scancel the job")
     jobs.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. slurm.folder=DIR)")
-
-    listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
-    listing.add_argument("what", choices=sorted(LISTINGS))
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
