@@ -153,7 +153,8 @@ def resident_fraction(files: list[Path]) -> float | None:
 # ---- loaders: each returns an iterator of batches (a tensor of patches first) ----------------------
 def ours(folder: Path, config: BenchConfig) -> Iterator:
     from rafmedia.shards.sampling import create_sampler
-    from rafmedia.shards.streaming import PatchStream, StreamLoader, ZarrSource
+    from rafmedia.shards.sources import ZarrSource
+    from rafmedia.shards.streaming import PatchStream, StreamLoader
 
     stream = PatchStream(ZarrSource(folder / "cohort.zarr"), create_sampler("uniform", patch_size=config.patch),
                          patches_per_subject=config.per_volume, batch_size=config.batch, seed=config.seed)
@@ -228,7 +229,8 @@ class RawChunkReads(torch.utils.data.IterableDataset):
 
 def raw_ceiling(folder: Path, config: BenchConfig) -> Iterator:
     from rafmedia.shards.sampling import create_sampler
-    from rafmedia.shards.streaming import PatchStream, StreamContext, ZarrSource
+    from rafmedia.shards.sources import ZarrSource
+    from rafmedia.shards.streaming import PatchStream, StreamContext
 
     source = ZarrSource(folder / "cohort.zarr")
     stream = PatchStream(source, create_sampler("uniform", patch_size=config.patch),

@@ -16,7 +16,6 @@ Every submission is recorded in `<slurm.folder>/jobs.jsonl`, which `raf jobs` li
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time

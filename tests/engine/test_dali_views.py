@@ -182,7 +182,8 @@ def test_like_copies_the_torch_settings_and_refuses_what_dali_lacks():
 
 def test_two_views_from_a_patch_stream_over_a_real_store(small_cohort):
     from rafmedia.shards.sampling import create_sampler
-    from rafmedia.shards.streaming import PatchStream, ZarrSource
+    from rafmedia.shards.sources import ZarrSource
+    from rafmedia.shards.streaming import PatchStream
 
     store, _ = small_cohort
     stream = PatchStream(ZarrSource(store.path), create_sampler("uniform", patch_size=24), patches_per_subject=2,

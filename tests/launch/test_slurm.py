@@ -6,7 +6,6 @@ SLURM, the tests are skipped with the reason.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time

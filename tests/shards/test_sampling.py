@@ -16,7 +16,7 @@ from rafmedia.shards.sampling import (
     region_at,
 )
 from rafmedia.shards.store import CohortStore, StoreConfig
-from rafmedia.shards.streaming import StoreSubject
+from rafmedia.shards.sources import StoreSubject
 
 
 def _plans(sampler, reader, count, seed=0):

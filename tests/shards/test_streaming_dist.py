@@ -5,7 +5,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rafmedia.shards.sampling import create_sampler
-from rafmedia.shards.streaming import PatchStream, StreamLoader, ZarrSource
+from rafmedia.shards.sources import ZarrSource
+from rafmedia.shards.streaming import PatchStream, StreamLoader
 
 
 def _rank_main(rank: int, world_size: int, store_path: str, out: str) -> None:
