@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,18 +91,28 @@ def extract_embeddings_distributed(encoder: torch.nn.Module, volumes_NCDHW: torc
     all subjects. Whole volumes, or grid patches when `patch_size` is given (`extract_patch_embeddings`).
     Every rank must pass the same volumes, alteration and seed.
     """
-    rank, world_size = _rank_and_world_size()
     grid = None if patch_size is None else _patch_grid(patch_size, overlap, pooling, pad_mode)
-    mine = list(range(rank, len(volumes_NCDHW), world_size))
-    emb_ND = _embed_subjects(encoder, volumes_NCDHW, mine, batch_size=batch_size, alteration=alteration, seed=seed,
-                             device=device, amp=amp, grid=grid)
-    shares = gather_objects((mine, emb_ND))
-    out_ND = np.full((len(volumes_NCDHW), shares[0][1].shape[1]), np.nan)
-    covered = np.zeros(len(volumes_NCDHW), dtype=bool)
-    for indices, share_ND in shares:
-        out_ND[indices] = share_ND
-        covered[indices] = True
-    assert covered.all(), "the ranks' shares must cover every subject"
+    return shared_by_rank(len(volumes_NCDHW), lambda mine: _embed_subjects(
+        encoder, volumes_NCDHW, mine, batch_size=batch_size, alteration=alteration, seed=seed, device=device, amp=amp,
+        grid=grid))
+
+
+def shared_by_rank(count: int, compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
+    """Rows 0..count-1 computed across the ranks and returned whole on every rank, in row order.
+
+    Rank r computes the rows i with i % world_size == r (`compute(rows)` -> (len(rows), D)); the shares are
+    gathered by row index. A rank with no rows (count < world_size) computes nothing. One process: `compute` of all.
+    """
+    rank, world_size = _rank_and_world_size()
+    mine = list(range(rank, count, world_size))
+    shares = gather_objects((mine, np.asarray(compute(mine)) if mine else None))
+    parts = [share for _, share in shares if share is not None]
+    if not parts:
+        return np.empty((0, 0))
+    out_ND = np.empty((count, parts[0].shape[1]), dtype=np.result_type(*parts))
+    for rows, share in shares:
+        if share is not None:
+            out_ND[rows] = share
     return out_ND
 
 

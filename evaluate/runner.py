@@ -22,7 +22,7 @@ from rafmedia.engine.distributed import Place, gather_objects, init_distributed,
 from rafmedia.engine.errors import UserError
 from rafmedia.evaluate import downstream, latent, raf
 from rafmedia.evaluate.cache import CacheKey, EmbeddingCache, cached_embeddings
-from rafmedia.evaluate.embed import embed_subjects, embedding_stability
+from rafmedia.evaluate.embed import embed_subjects, embedding_stability, shared_by_rank
 from rafmedia.evaluate.entries import EncoderEntry, build_entries
 from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy,
                                        corruption_error, relative_corruption_error, summarize_groups)
@@ -182,8 +182,10 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
 
     Each (encoder, cohort, settings) cell already in `results` is read from it instead of computed, and each
     computed cell is written to it as soon as it is complete; `cache` keeps every subject's embeddings, so a cell
-    killed half-way re-embeds nothing it had finished. Under torchrun the cells are shared out among the
-    ranks (cell i on rank i mod world size); every rank returns the whole report.
+    killed half-way re-embeds nothing it had finished. Under torchrun (or srun, mpirun) every rank works on every
+    cell and embeds its share of the subjects (subject i on rank i mod world size), gathered by subject index; the
+    rest (probes, bootstraps, permutations) is repeated on every rank from the same embeddings, so every rank
+    returns the one-process report. Rank 0 reads and writes the results store.
     """
     config.validate()
     place = place or place_from_environment()
@@ -191,23 +193,20 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
     data = load_cohort(config, progress=progress and place.is_main)
     entries = build_entries(config)
     settings = config.settings_digest()
-    mine = {}
-    for index, entry in enumerate(entries):
-        if index % place.world_size != place.rank:
-            continue
+    scored = {}
+    for entry in entries:
         key = CellKey(entry.digest, data.digest, settings)
-        cached = results.get(key) if results is not None else None
+        cached = gather_objects(results.get(key) if results is not None and place.is_main else None)[0]
         if cached is not None:
-            mine[entry.name] = cached.result
+            scored[entry.name] = cached.result
             continue
         began = time.perf_counter()
-        result = as_json(evaluate_entry(entry, data, config, progress=progress, embed=Embedder(data, config, cache)))
-        if results is not None:
+        result = as_json(evaluate_entry(entry, data, config, progress=progress and place.is_main,
+                                        embed=Embedder(data, config, cache)))
+        if results is not None and place.is_main:
             results.put(key, encoder=entry.name, encoder_source=entry.source, cohort=data.store.path.parent.name,
                         cohort_path=str(data.store.path), seconds=time.perf_counter() - began, result=result)
-        mine[entry.name] = result
-    gathered = {name: result for part in gather_objects(mine) for name, result in part.items()}
-    scored = {entry.name: gathered[entry.name] for entry in entries}  # in the order the encoders were given
+        scored[entry.name] = result
     add_corruption_errors(scored, baseline=entries[-1].name if config.random_baseline else None)
     return {"cohort": cohort_summary(data.store, data.rows, config), "config": dataclasses.asdict(config),
             "encoders": scored}
@@ -224,6 +223,14 @@ class Embedder:
 
     def __call__(self, model, model_digest: str, indices: np.ndarray, *, alteration: str = "clean", severity: int = 0,
                  seed: int = 0) -> np.ndarray:
+        """Embeddings of subjects `indices` (rows of the cohort), in that order; across ranks, each embeds a share."""
+        indices = np.asarray(indices)
+        return shared_by_rank(len(indices), lambda rows: self._embed(model, model_digest, indices[rows],
+                                                                     alteration=alteration, severity=severity,
+                                                                     seed=seed))
+
+    def _embed(self, model, model_digest: str, indices: np.ndarray, *, alteration: str, severity: int,
+               seed: int) -> np.ndarray:
         def compute(keys) -> np.ndarray:
             wanted = [position[key.subject] for key in keys]
             altered = None if alteration == "clean" else create_alteration(alteration, severity=severity)

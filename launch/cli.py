@@ -59,7 +59,7 @@ EXAMPLES = {
   raf evaluate --cohort runs/synth --encoder a.safetensors --encoder b.safetensors evaluate.seeds=[0,1,2,3,4]
   raf evaluate --cohort runs/siteA --cohort runs/siteB --encoder 'runs/*/encoder.safetensors' --out runs/sweep
       (re-run after adding a checkpoint: only its cells are computed; results in runs/sweep/results.sqlite)
-  torchrun --nproc_per_node 4 -m rafmedia.launch.cli evaluate ...     # cells shared out among 4 ranks
+  torchrun --nproc_per_node 4 -m rafmedia.launch.cli evaluate ...     # subjects shared out among 4 ranks
   raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site,sex,age]
   raf evaluate ... 'evaluate.raf_weights={performance: 2, robustness: 1, fairness: 1}'""",
     "leaderboard": """examples:
@@ -169,7 +169,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
                                    "permutation tests, latent bias tests and the RAF index. Every (encoder, cohort) cell "
                                    "is kept in OUT/results.sqlite: a re-run computes only the missing cells. Writes "
                                    "OUT/report.json, report.html, report.md (one cohort; several: OUT/<cohort>/...) and "
-                                   "OUT/leaderboard.md/.csv/.html. Under torchrun the cells are shared out among ranks.",
+                                   "OUT/leaderboard.md/.csv/.html. Under torchrun the ranks share out the subjects.",
                                    epilog=EXAMPLES["evaluate"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(evaluate, "runs/evaluate")
     evaluate.add_argument("--cohort", metavar="STORE", action="append", default=[],

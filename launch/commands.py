@@ -77,7 +77,7 @@ def run_evaluate(args: argparse.Namespace) -> Path:
         config.evaluate.encoders = expand_encoders(args.encoder)
     config.evaluate.cohort = cohorts[0] if cohorts else ""
     config.evaluate.validate()
-    export_for_torch(resolve_environment())  # torchrun / srun / mpirun: the cells are shared out among ranks
+    export_for_torch(resolve_environment())  # torchrun / srun / mpirun: each rank embeds a share of the subjects
     is_main = place_from_environment().is_main
     out = Path(args.out)
     results = ResultsStore(out / RESULTS_FILE)

@@ -1,5 +1,5 @@
 """Evaluation sweeps: the SQLite results store, re-runs that compute only missing cells, several cohorts, the
-leaderboard, and cells shared out among two torchrun ranks (real processes, gloo)."""
+leaderboard, and subjects shared out among two torchrun ranks (real processes, gloo)."""
 import csv
 import json
 import socket
@@ -116,7 +116,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_torchrun_ranks_share_the_cells_and_give_the_one_process_report(cohorts, tmp_path):
+def clean_keys_by_writer(cache: Path) -> dict[str, set]:
+    """The (encoder digest, subject) of every clean embedding in a cache, by the process id that wrote its batch."""
+    import zarr
+
+    written: dict[str, set] = {}
+    for attrs_file in cache.glob("*/*/*/zarr.json"):
+        batch = attrs_file.parent
+        pid = batch.name.split("-")[1]  # batches are named <time ns>-<pid>-<random>
+        keys = zarr.open_array(str(batch), mode="r").attrs["keys"]
+        written.setdefault(pid, set()).update((batch.parents[1].name, s) for s, alteration, _ in keys
+                                              if alteration == "clean")
+    return written
+
+
+def test_two_torchrun_ranks_share_the_subjects_and_give_the_one_process_report(cohorts, tmp_path):
     encoders = [export(tmp_path / "ckpt", seed) for seed in (0, 1)]
     args = ["evaluate", "--cohort", str(cohorts / "siteA"), *FAST, *sum((["--encoder", str(e)] for e in encoders), [])]
     single = raf(*args, "--out", str(tmp_path / "one"), cwd=tmp_path)
@@ -133,3 +147,12 @@ def test_two_torchrun_ranks_share_the_cells_and_give_the_one_process_report(coho
         assert two[name]["probes"]["disease"]["auroc"] == pytest.approx(one[name]["probes"]["disease"]["auroc"], abs=1e-9)
     assert len(cell_rows(tmp_path / "two" / "results.sqlite")) == 3
     assert ranks.stdout.count("report:") == 1  # rank 0 writes and speaks
+    # each rank embedded its share of every encoder's subjects: disjoint, together every subject
+    written = clean_keys_by_writer(tmp_path / "two" / "embeddings.zarr")
+    assert len(written) == 2
+    first, second = written.values()
+    assert not first & second
+    assert first | second == set().union(*clean_keys_by_writer(tmp_path / "one" / "embeddings.zarr").values())
+    for digest in {digest for digest, _ in first | second}:
+        shares = [{s for d, s in keys if d == digest} for keys in (first, second)]
+        assert abs(len(shares[0]) - len(shares[1])) <= 1, digest  # subject i on rank i mod 2
