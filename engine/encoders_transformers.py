@@ -195,9 +195,6 @@ def _register_vit_size(size: str) -> None:
     ENCODERS.register(f"vit_{size}_3d", family="vit")(factory)
 
 
-# Too slow to build in CPU tests (86M parameters); the contract test skips these.
-SLOW_TO_BUILD = frozenset({"vit_base_3d"})
-
 for _size in VIT_SIZES:
     _register_vit_size(_size)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.encoders_transformers import SLOW_TO_BUILD, VIT_SIZES
+from rafmedia.engine.encoders_transformers import VIT_SIZES
 from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder, load_encoder
 from rafmedia.engine.torchvision_compat import import_timm
@@ -51,11 +51,14 @@ def test_vit_cls_pool_returns_the_cls_token_and_trains_it():
     assert encoder.vit.cls_token.grad is not None and encoder.vit.cls_token.grad.abs().sum() > 0
 
 
-def test_vit_size_names_match_timm_sizes_without_building_base():
-    assert VIT_SIZES["base"] == (768, 12, 12) and "vit_base_3d" in SLOW_TO_BUILD
-    encoder = create_encoder("vit_tiny_3d", img_size=32, patch_size=16)
-    assert encoder.embed_dim == 192 and len(encoder.vit.blocks) == 12
-    assert encoder.vit.blocks[0].attn.num_heads == 3
+@pytest.mark.parametrize("size, width, heads", [("tiny", 192, 3), ("base", 768, 12)])
+def test_vit_size_names_match_timm_sizes(size, width, heads):
+    encoder = create_encoder(f"vit_{size}_3d", img_size=32, patch_size=16)
+    assert VIT_SIZES[size] == (width, 12, heads)
+    assert encoder.embed_dim == width and len(encoder.vit.blocks) == 12
+    assert encoder.vit.blocks[0].attn.num_heads == heads
+    if size == "base":  # timm's vit_base_patch16_224 has 85,054,464 parameters in its 12 blocks (counted there)
+        assert sum(p.numel() for p in encoder.vit.blocks.parameters() if p.requires_grad) == 85_054_464
 
 
 def test_vit_refuses_wrong_sizes_with_a_clear_message():
