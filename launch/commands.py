@@ -273,6 +273,7 @@ def run_submit(args: argparse.Namespace) -> list:
     and for ingest over sub-cohorts)."""
     from rafmedia.launch.slurm import wait_for
 
+    _check_submit_options(args)
     config = load_config(args.config_file, args.overrides)
     out = Path(args.out or f"runs/{args.what}").resolve()
     config_file = str(Path(args.config_file).resolve()) if Path(args.config_file).is_file() else args.config_file
@@ -289,6 +290,19 @@ def run_submit(args: argparse.Namespace) -> list:
         wait_for(jobs)
         print(f"all {len(jobs)} job(s) finished; outputs in {out}")
     return jobs
+
+
+def _check_submit_options(args: argparse.Namespace) -> None:
+    """Options of another mode are an error, not silently ignored."""
+    given = {"--input": args.input is not None, "--num-tasks": args.num_tasks != 1, "--skip-bad": args.skip_bad,
+             "--cohort": bool(args.cohort_list), "--encoder": bool(args.encoder)}
+    modes = {"pretrain": {"--cohort"}, "evaluate": {"--cohort", "--encoder"},
+             "ingest": {"--input", "--num-tasks", "--skip-bad"}}
+    foreign = [option for option, present in given.items() if present and option not in modes[args.what]]
+    if foreign:
+        owners = [mode for mode, options in modes.items() if set(foreign) & options]
+        raise UserError(f"raf submit {args.what} does not take {', '.join(foreign)} (for raf submit "
+                        f"{' / '.join(owners)}); see raf submit --help")
 
 
 def _submit_pretrain(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:

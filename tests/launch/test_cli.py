@@ -28,6 +28,9 @@ def raf(*args, cwd=None):
     (["pretrain", "--cohort", "x", "task.name=contrastive_paired"], "set data.channels to the two channel names"),
     (["pretrain", "--cohort", "x", "train.wrapper=horovod"], "unknown training wrapper 'horovod'"),
     (["pretrain", "--cohort", "x", "data.source=s3"], "data.source must be 'memory' or 'stream'"),
+    (["submit", "evaluate", "tiny", "--num-tasks", "4"], "raf submit evaluate does not take --num-tasks"),
+    (["submit", "ingest", "tiny", "--input", "x.csv", "--cohort", "s"], "raf submit ingest does not take --cohort"),
+    (["submit", "ingest", "tiny", "--input", "/no/such.csv"], "--input /no/such.csv does not exist"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path):
     result = raf(*args, cwd=tmp_path)
