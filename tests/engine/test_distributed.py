@@ -108,3 +108,45 @@ def test_a_rank_killed_with_sigkill_resumes_to_the_uninterrupted_loss_sequence(w
     resumed = logged_losses(out / "run")
     assert len(resumed) == steps
     assert resumed == pytest.approx(straight, abs=1e-6)
+
+
+JOIN_AND_SUM = """
+import os, torch, torch.distributed as dist
+from rafmedia.engine.distributed import init_distributed, place_from_environment
+place = place_from_environment()
+init_distributed(place, timeout_minutes=1.0)
+value = torch.tensor([float(place.rank + 1)])
+dist.all_reduce(value)
+print("sum", int(value.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_restarted_group_joins_on_the_agent_store_that_still_holds_the_last_groups_keys():
+    """torchrun's static rendezvous keeps one store (the agent's) for every restart, with the killed group's keys
+    still in it. Rank 0 of the new group starts first: it must wait for rank 1's new address, not connect to the
+    one the last group left (each attempt has its own key prefix, `TORCHELASTIC_RESTART_COUNT`)."""
+    import torch.distributed as dist
+
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what the agent hosts
+
+    def start(rank: int, attempt: int) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(agent_store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+               "TORCHELASTIC_RESTART_COUNT": str(attempt), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        return subprocess.Popen([sys.executable, "-c", JOIN_AND_SUM], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    for attempt in (0, 1):
+        ranks = [start(0, attempt)]
+        try:
+            if attempt == 1:
+                time.sleep(4)  # rank 0 is in init by now; rank 1's address in the store is still the last group's
+            ranks.append(start(1, attempt))
+            for process in ranks:
+                output, _ = process.communicate(timeout=90)  # without the per-attempt prefix rank 0 hangs
+                assert process.returncode == 0 and "sum 3" in output, output[-2000:]
+        finally:
+            for process in ranks:
+                process.kill()
+                process.wait()
