@@ -193,7 +193,10 @@ class EmbeddingCache:
     def _staging(self) -> Path:
         staging = self.path / STAGING
         if not (staging / "zarr.json").is_file():  # a group, so zarr tools see a valid hierarchy
-            zarr.open_group(str(staging), mode="a", zarr_format=3)
+            try:
+                zarr.open_group(str(staging), mode="a", zarr_format=3)
+            except zarr.errors.ContainsGroupError:  # another writer (a rank, an array task) created it just now
+                pass
         if not self._staging_swept:
             remove_stale_staging(staging)
             self._staging_swept = True

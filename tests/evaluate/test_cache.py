@@ -192,6 +192,32 @@ def test_a_writer_killed_with_sigkill_at_a_random_moment_leaves_only_whole_valid
     assert set(cache.missing(keys)) == set(keys) - set(found)
 
 
+def _write_at_the_barrier(path, barrier, index):
+    cache = EmbeddingCache(path)
+    barrier.wait()
+    cache.put_many([(CacheKey(DIGEST, "c", f"sub-{index}"), np.full(3, float(index)))])
+
+
+def test_writers_that_start_at_once_all_write(tmp_path):
+    """Ranks sharing one cache write their first batches together: each creates `.staging/` if missing, and zarr's
+    group creation is not atomic (one writer's ContainsGroupError was seen under torchrun). Real processes."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    for trial in range(4):  # without the fix, 2 of 3 runs of two trials failed
+        path = tmp_path / f"cache{trial}.zarr"
+        EmbeddingCache(path)  # the root exists, as when `raf evaluate` opens the cache before the ranks embed
+        barrier = context.Barrier(6)
+        writers = [context.Process(target=_write_at_the_barrier, args=(path, barrier, i)) for i in range(6)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(timeout=120)
+        assert [writer.exitcode for writer in writers] == [0] * 6
+        found = EmbeddingCache(path).get_many([CacheKey(DIGEST, "c", f"sub-{i}") for i in range(6)])
+        assert [vector.tolist() for vector in found.values()] == [[float(i)] * 3 for i in range(6)]
+
+
 def test_a_folder_that_is_not_a_cache_is_refused(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
