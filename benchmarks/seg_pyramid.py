@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice
 
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.evaluate import seg_head
+from rafmedia.evaluate.seg_head import fit_segmentation_head, predict_masks
 from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.stream import load_volumes
 from rafmedia.shards.synth import LABELS, CohortConfig, generate_cohort
@@ -32,8 +32,15 @@ ENCODERS = {"cnn3d_small": {}, "resnet10_3d": {}, "vit_3d": {}, "swin_3d": {}}
 STRUCTURES = [name for name in LABELS if name != "background"]
 
 
-def last_map_only(encoder: torch.nn.Module, x_BCDHW: torch.Tensor) -> torch.Tensor:
-    return encoder.forward_features(x_BCDHW)
+class LastMapOnly(torch.nn.Module):
+    """The encoder without its pyramid: `dense_features` then gives the head `forward_features` alone."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(x_BCDHW)
 
 
 def dice_by_structure(pred_NDHW: np.ndarray, label_NDHW: np.ndarray) -> list[float]:
@@ -66,20 +73,15 @@ def main() -> None:
           f"encoders; Dice per structure on the test subjects\n")
     print(f"| encoder | head input | {' | '.join(STRUCTURES)} | fit + predict |")
     print(f"|---|---|{'---|' * len(STRUCTURES)}---|")
-    pyramid_features = seg_head.dense_features
     for name, options in ENCODERS.items():
-        for label, features in (("last map", last_map_only), ("pyramid", pyramid_features)):
-            seg_head.dense_features = features  # encoder_features reads it at call time
-            try:
-                torch.manual_seed(0)
-                encoder = create_encoder(name, **options).eval()
-                start = time.perf_counter()
-                head = seg_head.fit_segmentation_head(encoder, volumes[train], labels[train],
-                                                      num_classes=len(LABELS), steps=args.steps)
-                predicted = seg_head.predict_masks(encoder, head, volumes[test])
-                seconds = time.perf_counter() - start
-            finally:
-                seg_head.dense_features = pyramid_features
+        for label, as_given in (("last map", LastMapOnly), ("pyramid", lambda encoder: encoder)):
+            torch.manual_seed(0)
+            encoder = as_given(create_encoder(name, **options).eval())
+            start = time.perf_counter()
+            head = fit_segmentation_head(encoder, volumes[train], labels[train], num_classes=len(LABELS),
+                                         steps=args.steps)
+            predicted = predict_masks(encoder, head, volumes[test])
+            seconds = time.perf_counter() - start
             dice = dice_by_structure(predicted, labels[test])
             print(f"| {name} | {label} | {' | '.join(f'{d:.3f}' for d in dice)} | {seconds:.0f} s |", flush=True)
 
