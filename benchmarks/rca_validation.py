@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from scipy import stats
 
-from rafmedia.evaluate.rca import (aggregate_reference_dice, corrupt_label_map, dice_per_structure,
-                                   nearest_references, reverse_dice_matrix)
+from rafmedia.evaluate.rca import (aggregate_reference_dice, corrupt_label_map, dice_per_structure, nearest_references,
+                                   reverse_dice_matrix)
 from rafmedia.shards.store import StoreConfig
-from rafmedia.shards.stream import load_volumes
 from rafmedia.shards.synth import LABELS, CohortConfig, SiteProfile, generate_cohort
+from rafmedia.shards.volumes import load_volumes
 
 STRUCTURES = {name: LABELS[name] for name in ("heart", "liver", "kidney")}
 SEVERITY = {"M": (0.0, 0.7), "F": (0.2, 1.0)}  # the planted bias: females' predictions are damaged more

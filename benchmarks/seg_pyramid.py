@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice
 
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.evaluate.seg_head import fit_segmentation_head, predict_masks
+from rafmedia.evaluate.segmentation_head import fit_segmentation_head, predict_masks
 from rafmedia.shards.store import StoreConfig
-from rafmedia.shards.stream import load_volumes
 from rafmedia.shards.synth import LABELS, CohortConfig, generate_cohort
+from rafmedia.shards.volumes import load_volumes
 
 ENCODERS = {"cnn3d_small": {}, "resnet10_3d": {}, "vit_3d": {}, "swin_3d": {}}
 STRUCTURES = [name for name in LABELS if name != "background"]

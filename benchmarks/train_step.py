@@ -68,7 +68,7 @@ def build_task(preset: Preset, device: torch.device) -> torch.nn.Module:
 
 def in_memory_batches(preset: Preset, views, device: torch.device) -> list[dict]:
     """The batches both loops train on, made once and kept on the device."""
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     volumes = torch.randn((4 * preset.batch_size, 1) + (preset.volume,) * 3, generator=torch.Generator().manual_seed(0))
     batch_of_step = view_batches(volumes, views, batch_size=preset.batch_size, seed=0)

@@ -1,5 +1,8 @@
 """Batch sources for the trainer: where each micro-step's batch comes from, and how far the run has read.
 
+`DataConfig` says where pretraining reads from: whole volumes in memory (`view_batches`: seeded epoch shuffles
+of the subjects, then the task's view maker) or a patch stream of a store (`StreamBatches`).
+
 A batch source has `next() -> batch` and `state_dict()` / `load_state_dict()`. The trainer saves the state in
 every checkpoint, so a resumed run reads exactly the batches an uninterrupted run would have read:
 
@@ -10,11 +13,37 @@ every checkpoint, so a resumed run reads exactly the batches an uninterrupted ru
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
+from rafmedia.shards.volumes import normalize_intensity
+
+
+@dataclass
+class DataConfig:
+    """Where pretraining reads from, and how.
+
+    `source: memory` loads whole volumes into memory once (small cohorts, fastest); `source: stream` streams
+    random `patch_size` patches from the store with DataLoader workers (cohorts larger than memory); the task's
+    view maker then works inside each volume or patch. Paired tasks read the two channels named in `channels`.
+    """
+
+    cohort: str = ""  # path of a cohort store (raf synth / raf shards ingest)
+    channel: str = "image"
+    channels: list[str] = field(default_factory=list)  # paired tasks: two channels of one subject, e.g. [inhale, exhale]
+    source: str = "memory"  # memory | stream
+    patch_size: int = 64  # stream: side of the patches read from the store
+    patches_per_subject: int = 4  # stream: patches drawn per subject visit
+    num_workers: int = 2  # stream: DataLoader workers
+
+    def validate(self) -> None:
+        if self.source not in ("memory", "stream"):
+            raise UserError(f"data.source must be 'memory' or 'stream', got '{self.source}'")
+        if self.channels and len(self.channels) != 2:
+            raise UserError(f"data.channels takes two channel names for paired tasks, got {self.channels}")
 
 
 class BatchSource(Protocol):
@@ -78,8 +107,6 @@ class StreamBatches:
         self._items: Iterator[dict[str, Any]] | None = None
 
     def next(self) -> dict[str, torch.Tensor]:
-        from rafmedia.shards.stream import normalize_intensity
-
         if self._items is None:
             self._items = iter(self.loader)
         try:
@@ -98,6 +125,45 @@ class StreamBatches:
         _check_kind(state, self.kind)
         self.loader.load_state_dict(state["loader"])
         self._items = None
+
+
+class EpochShuffledBatches:
+    """Batch `step` takes the next `batch_size` items of a permutation reshuffled every epoch.
+
+    The permutation of epoch e is drawn from a generator seeded with (seed, e), so any step's indices can be
+    recomputed without replaying the run.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int):
+        if batch_size > num_items:
+            raise ValueError(f"batch size {batch_size} is larger than the {num_items} subjects available")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.batches_per_epoch = num_items // batch_size  # the incomplete last batch of each epoch is dropped
+
+    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_items, generator=generator)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.batches_per_epoch)
+        start = position * self.batch_size
+        return self.epoch_permutation(epoch)[start:start + self.batch_size]
+
+
+def view_batches(volumes_NCDHW: torch.Tensor, views: Callable, *, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Returns `batch(step)`: the views of rank `rank`'s share of that step's volumes.
+
+    The step's global batch is `batch_size * world_size` items of the epoch permutation; rank r takes the r-th
+    `batch_size` of them and draws its views from a generator seeded by (seed, step, rank).
+    """
+    sampler = EpochShuffledBatches(len(volumes_NCDHW), batch_size * world_size, seed)
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        indices = sampler.indices(step)[rank * batch_size:(rank + 1) * batch_size]
+        return views(volumes_NCDHW[indices], view_generator(seed, step, rank))
+
+    return batch
 
 
 def as_batch_source(batches) -> BatchSource:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.engine.views import ROTATIONS_3D, random_crop_starts
 
 LAYOUT = "DHWC"

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write, read_json, write_json
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write, read_json, write_json
 
 CARD_SUFFIX = ".card.json"
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rafmedia.engine.batches import StreamBatches
+from rafmedia.core.errors import UserError
+from rafmedia.engine.batches import DataConfig, StreamBatches, view_batches
 from rafmedia.engine.distributed import Place, barrier, place_from_environment
 from rafmedia.engine.encoders import EncoderConfig, create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder
 from rafmedia.engine.tasks import TaskConfig, check_compatible, create_task, task_data_kind
 from rafmedia.engine.train import TrainConfig, train
 from rafmedia.shards.store import CohortStore
-from rafmedia.shards.stream import DataConfig, load_volumes, view_batches
+from rafmedia.shards.volumes import load_volumes
 
 ENCODER_FILE = "encoder.safetensors"
 

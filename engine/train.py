@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_text
 from rafmedia.engine.batches import as_batch_source
 from rafmedia.engine.distributed import (Place, any_rank, device_for, gather_objects, init_distributed,
                                          mean_across_ranks, place_from_environment)
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_text
 from rafmedia.engine.wrappers import PRECISIONS, WRAPPERS, NonFiniteLoss, create_wrapper
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit's time-limit warning

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write, atomic_write_text
+from rafmedia.core.registry import Registry
 from rafmedia.engine.distributed import Place, barrier
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write, atomic_write_text
-from rafmedia.engine.registry import Registry
 
 WRAPPERS: Registry = Registry("training wrapper")
 CHECKPOINT_FILE = "latest.pt"

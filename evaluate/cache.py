@@ -33,7 +33,7 @@ from urllib.parse import quote
 import numpy as np
 import zarr
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 
 CACHE_FORMAT = "rafmedia.embedding_cache/1"
 CLEAN = "clean"

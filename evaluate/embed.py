@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import unknown_name_error
 from rafmedia.engine.distributed import gather_objects
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import unknown_name_error
 from rafmedia.shards.alterations import Alteration
-from rafmedia.shards.stream import normalize_intensity
+from rafmedia.shards.volumes import normalize_intensity
 
 PATCH_POOLINGS = ("mean", "max")
 SEED_STRIDE = 1_000_003  # subject i (or batch start i) draws from seed * SEED_STRIDE + i

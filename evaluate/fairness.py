@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 
 MISSING = "missing"  # the group of subjects whose attribute is empty: reported, never dropped
 _CHUNK_ELEMENTS = 2_000_000  # weights per block of resamples/permutations: bounds memory at ~16 MB

@@ -1,4 +1,4 @@
-"""Report figures (matplotlib, Agg backend), returned as PNG bytes.
+"""Report figures (matplotlib figures drawn without pyplot, `rafmedia.core.render`), returned as PNG bytes.
 
 report.json stores undefined values (NaN) as null, and older files lack the newer keys: every figure accepts
 None values, and the figures of optional parts (projection, segmentation, RCA) return None when their data
@@ -6,26 +6,11 @@ are absent, so the report leaves them out.
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return buffer.getvalue()
+from rafmedia.core.render import colormap, png, subplots
 
 
 def _floats(values: Any) -> np.ndarray:
@@ -71,35 +56,32 @@ def _bars(ax, labels: list[str], series: dict[str, list[float]], errors: dict[st
 
 
 def raf_figure(report: dict[str, Any]) -> bytes:
-    plt = _pyplot()
     encoders = report["encoders"]
     components = ["index", "performance", "robustness", "fairness"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = subplots(figsize=(7, 3.2))
     _bars(ax, ["RAF index", "performance", "robustness", "fairness"],
           {name: [e["raf"][c] for c in components] for name, e in encoders.items()}, ylabel="score (0-1)")
     ax.legend(fontsize=8)
     ax.set_title("RAF index and components")
-    return _png(fig)
+    return png(fig)
 
 
 def probe_figure(report: dict[str, Any]) -> bytes:
-    plt = _pyplot()
     encoders = report["encoders"]
     targets = [t for t, p in next(iter(encoders.values()))["probes"].items() if "auroc" in p]  # not ordinal ones
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = subplots(figsize=(7, 3.2))
     _bars(ax, targets, {n: [e["probes"][t]["auroc"]["mean"] for t in targets] for n, e in encoders.items()},
           {n: [e["probes"][t]["auroc"]["std"] for t in targets] for n, e in encoders.items()}, ylabel="AUROC")
     ax.axhline(0.5, color="grey", lw=1, ls="--")
     ax.legend(fontsize=8)
     ax.set_title("Linear-probe AUROC on clean scans (mean +- std over replicates)")
-    return _png(fig)
+    return png(fig)
 
 
 def degradation_figure(report: dict[str, Any]) -> bytes:
-    plt = _pyplot()
     encoders = report["encoders"]
     alterations = [k for k in next(iter(encoders.values()))["robustness"] if k != "clean"]
-    fig, axes = plt.subplots(2, max(1, len(alterations)), figsize=(4.2 * max(1, len(alterations)), 6), squeeze=False)
+    fig, axes = subplots(2, max(1, len(alterations)), figsize=(4.2 * max(1, len(alterations)), 6), squeeze=False)
     for column, name in enumerate(alterations):
         for encoder, entry in encoders.items():
             record = entry["robustness"][name]
@@ -116,7 +98,7 @@ def degradation_figure(report: dict[str, Any]) -> bytes:
     if alterations:
         axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _spread(values: list[float | None]) -> float:
@@ -147,21 +129,19 @@ def group_bars(report: dict[str, Any], attribute: str, metric: str) -> tuple[dic
 
 
 def group_figure(report: dict[str, Any], attribute: str) -> bytes:
-    plt = _pyplot()
     groups = list(next(iter(report["encoders"].values()))["fairness"][attribute]["groups"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, axes = subplots(1, 2, figsize=(10, 3.2))
     for ax, metric in zip(axes, ("accuracy", "auroc")):
         values, errors, what = group_bars(report, attribute, metric)
         _bars(ax, groups, values, errors, ylabel=metric)
         ax.set_title(f"{metric} by {attribute} ({what})", fontsize=9)
     axes[0].legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def frechet_figure(report: dict[str, Any], attribute: str) -> bytes:
-    plt = _pyplot()
     encoders = report["encoders"]
-    fig, axes = plt.subplots(1, len(encoders), figsize=(4 * len(encoders), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(encoders), figsize=(4 * len(encoders), 3.4), squeeze=False)
     for ax, (name, entry) in zip(axes[0], encoders.items()):
         frechet = entry["latent"][attribute]["frechet"]
         image = ax.imshow(_floats(frechet["matrix"]), cmap="magma")
@@ -170,7 +150,7 @@ def frechet_figure(report: dict[str, Any], attribute: str) -> bytes:
         ax.set_title(f"{name}\nFrechet distance by {attribute}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 # ---- optional parts: each returns None when report.json lacks its data ------------------------------------------
@@ -190,7 +170,7 @@ def _scatter_groups(fig, ax, x_N: np.ndarray, y_N: np.ndarray, labels: list[Any]
         fig.colorbar(points, ax=ax, fraction=0.046, label=attribute)
         return
     names = np.array(["(missing)" if v is None or v == "" else str(v) for v in labels])
-    colours = _pyplot().get_cmap("tab10" if len(set(names)) <= 10 else "tab20")
+    colours = colormap("tab10" if len(set(names)) <= 10 else "tab20")
     for index, group in enumerate(sorted(set(names))):
         member = names == group
         ax.scatter(x_N[member], y_N[member], s=14, color=colours(index % colours.N), label=f"{group} ({member.sum()})")
@@ -210,15 +190,14 @@ def projection_figure(report: dict[str, Any], attribute: str) -> bytes | None:
               and len(projection.get("x") or []) == len(projection.get("y") or []) == len(labels)]
     if not panels:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (name, x_N, y_N) in zip(axes[0], panels):
         _scatter_groups(fig, ax, x_N, y_N, labels, attribute)
         ax.set_title(f"{name}\nPCA of clean embeddings, by {attribute}", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def segmentation_group_figure(report: dict[str, Any], attribute: str) -> bytes | None:
@@ -232,12 +211,11 @@ def segmentation_group_figure(report: dict[str, Any], attribute: str) -> bytes |
     values = {n: [lookup(by_group, g, "value") for g in groups] for n, by_group in fairness.items()}
     errors = {n: interval_errors(values[n], [lookup(by_group, g, "ci95") for g in groups])
               for n, by_group in fairness.items()}
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) + 2), 3.2))
+    fig, ax = subplots(figsize=(max(5.0, 1.2 * len(groups) + 2), 3.2))
     _bars(ax, groups, values, errors, ylabel="Dice")
     ax.set_title(f"Dice by {attribute} (mean over subjects, bootstrap 95% CI)", fontsize=9)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def rca_figure(report: dict[str, Any]) -> bytes | None:
@@ -252,8 +230,7 @@ def rca_figure(report: dict[str, Any]) -> bytes | None:
             panels.append((name, true_N, estimated_N, rca.get("pearson")))
     if not panels:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
     for ax, (name, true_N, estimated_N, pearson) in zip(axes[0], panels):
         ax.scatter(true_N, estimated_N, s=14)
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
@@ -265,18 +242,17 @@ def rca_figure(report: dict[str, Any]) -> bytes | None:
         ax.set_title(f"{name}\nRCA: r = {r}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def summary_figure(report: dict[str, Any]) -> bytes:
     """One picture of the report (RAF components, degradation, per-site accuracy) for the README."""
-    plt = _pyplot()
     encoders = report["encoders"]
     first = next(iter(encoders.values()))
     alteration = next((k for k in first["robustness"] if k != "clean"), None)  # None: evaluated without alterations
     attribute = "site" if "site" in first["fairness"] else next(iter(first["fairness"]))
     groups = list(first["fairness"][attribute]["groups"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    fig, axes = subplots(1, 3, figsize=(15, 3.6))
     _bars(axes[0], ["RAF", "perf.", "robust.", "fair."],
           {n: [e["raf"][c] for c in ("index", "performance", "robustness", "fairness")] for n, e in encoders.items()})
     axes[0].set_title("RAF index and components")
@@ -290,4 +266,4 @@ def summary_figure(report: dict[str, Any]) -> bytes:
     _bars(axes[2], groups, {n: [e["fairness"][attribute]["groups"][g]["accuracy"] for g in groups] for n, e in encoders.items()})
     axes[2].set_title(f"probe accuracy by {attribute}")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)

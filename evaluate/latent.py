@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.metrics import compute_auroc, frechet_distance, rankme
 from rafmedia.evaluate.probes import attribute_leakage_auroc
 

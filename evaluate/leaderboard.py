@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_text
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_text
 from rafmedia.evaluate.raf import COMPONENTS, RAF_FORMULA
 from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
 

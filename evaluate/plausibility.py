@@ -7,7 +7,7 @@ Two label-free checks, each calibrated on a reference cohort's ground-truth labe
   complement, 6-connectivity (Kong & Rosenfeld, "Digital topology", 1989), so a cavity that opens to the
   outside only through a corner or an edge is still closed;
 - shape prior: the reconstruction error of a denoising autoencoder trained on plausible label maps
-  (Post-DAE, Larrazabal et al., IEEE TMI 2020; `rafmedia.engine.tasks_shape`), 1 - foreground Dice between a
+  (Post-DAE, Larrazabal et al., IEEE TMI 2020; `rafmedia.engine.tasks.shape`), 1 - foreground Dice between a
   mask and its reconstruction, thresholded at a quantile of the reference masks' errors.
 `plausibility_by_group` reports the share of plausible masks per subgroup, for the fairness report.
 """
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 
 FOREGROUND_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26 neighbours
 BACKGROUND_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)  # 6 neighbours, the complement of 26
@@ -120,7 +120,7 @@ def topology_plausible(masks_NDHW: Sequence[np.ndarray], norms: dict[str, dict[s
 def shape_prior_error(shape_prior, masks_NDHW, *, batch_size: int = 8) -> np.ndarray:
     """Reconstruction error per mask, 1 - foreground Dice between the mask and its reconstruction (in [0, 1]).
 
-    Uses `ShapePriorDAE.reconstruction_error` (from `rafmedia.engine.tasks_shape.load_shape_prior`): the mean
+    Uses `ShapePriorDAE.reconstruction_error` (from `rafmedia.engine.tasks.shape.load_shape_prior`): the mean
     Dice over the foreground classes present in the mask or its reconstruction, in eval mode.
 
     Args:

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry, unknown_name_error
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry, unknown_name_error
 
 PROBES: Registry = Registry("probe")
 KNN_METRICS = ("cosine", "euclidean")

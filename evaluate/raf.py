@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.metrics import compute_auroc, severity_weights
 
 COMPONENTS = ("performance", "robustness", "fairness")

@@ -46,8 +46,8 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import ndimage
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry
 from rafmedia.evaluate.metrics import summarize_groups
 
 REVERSE_CLASSIFIERS: Registry = Registry("reverse classifier")

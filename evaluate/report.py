@@ -7,100 +7,24 @@ offline. Undefined values are stored as null and shown as "n/a". Parts that olde
 """
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_bytes, atomic_write_text, read_json
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_bytes, atomic_write_text, read_json
+from rafmedia.core.render import bold, flag, format_interval, format_value, html_image, html_note, html_page, html_table
 from rafmedia.evaluate import figures
 from rafmedia.evaluate.figures import lookup
 from rafmedia.evaluate.raf import RAF_FORMULA
+from rafmedia.evaluate.report_format import mean_std, number, p_value_text, ser_text, share, with_interval
+from rafmedia.evaluate.report_md import render_markdown
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
-UNDEFINED = "n/a"
-
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:0.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.flag{color:#b00;font-weight:600}
-.ok{color:#070;font-weight:600}img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:3px}
-.note{color:#555;font-size:0.92em}"""
-
-
-class Markup(str):
-    """HTML written by this module: `_html_table` leaves it unescaped (every other cell is escaped once)."""
-
-
-# ---- formatting (shared by HTML and Markdown) ----------------------------------------------------------
-def _text(value: Any, digits: int = 3) -> str:
-    """A number with `digits` decimals, "n/a" for None or NaN, anything else as str (not escaped)."""
-    if value is None:
-        return UNDEFINED
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if np.isfinite(value) else UNDEFINED
-    return str(value)
-
-
-def _interval(ci: Any) -> str:
-    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
-        return f"[{UNDEFINED}, {UNDEFINED}]"
-    return f"[{_text(ci[0])}, {_text(ci[1])}]"
-
-
-def _with_interval(values: dict[str, Any], key: str) -> str:
-    return f"{_text(values.get(key))} {_interval(values.get(f'{key}_ci95'))}"
-
-
-def _mean_std(value: Any) -> str:
-    """"mean ± std" from a {"mean", "std"} summary; a bare number as itself."""
-    if isinstance(value, dict):
-        return f"{_text(value.get('mean'))} ± {_text(value.get('std'))}"
-    return _text(value)
-
-
-def _number(value: Any) -> Any:
-    """A bare number, or the mean of a {"mean", ...} summary."""
-    return value.get("mean") if isinstance(value, dict) else value
-
-
-def _p(value: Any) -> str:
-    return f"p {_text(value)}"
-
-
-# ---- HTML pieces ---------------------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
-    return value if isinstance(value, Markup) else html.escape(_text(value))
-
-
-def _html_table(header: list[str], rows: list[list[Any]]) -> str:
-    """Cells that are `Markup` go in as they are; every other cell is formatted (`_text`) and escaped once."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(png: bytes | None, alt: str) -> str:
-    if png is None:
-        return ""
-    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>'
-
-
-def _note(text: str) -> str:
-    return f"<p class='note'>{html.escape(text)}</p>"
-
-
-def _flag(text: str) -> Markup:
-    return Markup(f"<span class='flag'>{html.escape(text)}</span>")
-
-
-def _bold(text: str) -> Markup:
-    return Markup(f"<b>{html.escape(text)}</b>")
-
 
 # ---- sections ----------------------------------------------------------------------------------------------
 def _planted_section(report: dict[str, Any]) -> str:
@@ -121,27 +45,19 @@ def _planted_section(report: dict[str, Any]) -> str:
     return ("<h2>Cohort and planted biases</h2>"
             f"<p>{planted['num_subjects']} subjects, shape {planted['shape']}, sex counts {planted['sex_counts']} "
             f"(planted females per male: {planted['sex_ratio_planted']}). {html.escape(planted['disease_definition'])}.</p>"
-            + _html_table(["site", "subjects", "diseased", "noise std", "bias field", "gamma", "blur"], rows)
+            + html_table(["site", "subjects", "diseased", "noise std", "bias field", "gamma", "blur"], rows)
             + (f"<ul>{''.join(checks)}</ul>" if checks else ""))
 
 
 def _raf_section(report: dict[str, Any]) -> str:
     return "".join([
         "<h2>RAF index</h2>",
-        _html_table(["encoder", "RAF index", "performance", "robustness", "fairness"],
-               [[n, *[_with_interval(e["raf"], key) for key in ("index", "performance", "robustness", "fairness")]]
+        html_table(["encoder", "RAF index", "performance", "robustness", "fairness"],
+               [[n, *[with_interval(e["raf"], key) for key in ("index", "performance", "robustness", "fairness")]]
                 for n, e in report["encoders"].items()]),
-        _note(f"{RAF_FORMULA} Weights: {report['config'].get('raf_weights')}. Brackets: 95% bootstrap intervals over "
+        html_note(f"{RAF_FORMULA} Weights: {report['config'].get('raf_weights')}. Brackets: 95% bootstrap intervals over "
               "the test subjects (first replicate), resampled jointly."),
-        _img(figures.raf_figure(report), "RAF components")])
-
-
-def _share(value: Any) -> str:
-    """A fraction ("0.1", 0.05) as a percentage; anything else as text."""
-    try:
-        return f"{float(value):.1%}".replace(".0%", "%")
-    except (TypeError, ValueError):
-        return _text(value)
+        html_image(figures.raf_figure(report), "RAF components")])
 
 
 def _fraction_order(fraction: str) -> tuple[int, float, str]:
@@ -156,31 +72,31 @@ def _few_shot_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     probes = [(n, t, p["few_shot"]) for n, e in report["encoders"].items() for t, p in e["probes"].items()
               if isinstance(p.get("few_shot"), dict)]
     fractions = sorted({f for _, _, shots in probes for f in shots}, key=_fraction_order)
-    return fractions, [[n, t, *[_mean_std(lookup(shots, f, "auroc")) for f in fractions]] for n, t, shots in probes]
+    return fractions, [[n, t, *[mean_std(lookup(shots, f, "auroc")) for f in fractions]] for n, t, shots in probes]
 
 
 def _probe_section(report: dict[str, Any]) -> str:
     encoders = report["encoders"]
     with_knn = any("knn" in p for e in encoders.values() for p in e["probes"].values())
     rows = [[n, t, lookup(p, "auroc", "mean"), lookup(p, "auroc", "std"), lookup(p, "accuracy", "mean"),
-             lookup(p, "balanced_accuracy", "mean"), *([_mean_std(lookup(p, "knn", "auroc"))] if with_knn else [])]
+             lookup(p, "balanced_accuracy", "mean"), *([mean_std(lookup(p, "knn", "auroc"))] if with_knn else [])]
             for n, e in encoders.items() for t, p in e["probes"].items() if "auroc" in p]
-    ordinal = [[n, t, _mean_std(p["quadratic_weighted_kappa"]), _mean_std(p["spearman"])]
+    ordinal = [[n, t, mean_std(p["quadratic_weighted_kappa"]), mean_std(p["spearman"])]
                for n, e in encoders.items() for t, p in e["probes"].items() if "quadratic_weighted_kappa" in p]
     parts = ["<h2>Scan-level probes (clean)</h2>",
-             _html_table(["encoder", "target", "AUROC mean", "AUROC std", "accuracy mean", "balanced acc.",
+             html_table(["encoder", "target", "AUROC mean", "AUROC std", "accuracy mean", "balanced acc.",
                      *(["kNN AUROC (mean ± std)"] if with_knn else [])], rows),
-             _img(figures.probe_figure(report), "probe AUROC")]
+             html_image(figures.probe_figure(report), "probe AUROC")]
     if ordinal:
         parts += ["<h3>Ordinal targets</h3>",
-                  _html_table(["encoder", "target", "quadratic weighted kappa", "Spearman"], ordinal),
-                  _note("Ordinal probe (one logistic model per threshold); kappa of its predicted grade, Spearman "
+                  html_table(["encoder", "target", "quadratic weighted kappa", "Spearman"], ordinal),
+                  html_note("Ordinal probe (one logistic model per threshold); kappa of its predicted grade, Spearman "
                         "correlation of its expected grade with the true grade; mean ± std over replicates.")]
     fractions, few_shot = _few_shot_rows(report)
     if few_shot:
         parts += ["<h3>Few-shot probes</h3>",
-                  _html_table(["encoder", "target", *[f"AUROC, {_share(f)} of labels" for f in fractions]], few_shot),
-                  _note("The probe is fitted on a stratified, nested subset of the training labels; mean ± std over "
+                  html_table(["encoder", "target", *[f"AUROC, {share(f)} of labels" for f in fractions]], few_shot),
+                  html_note("The probe is fitted on a stratified, nested subset of the training labels; mean ± std over "
                         "replicates.")]
     return "".join(parts)
 
@@ -196,10 +112,10 @@ def _robustness_section(report: dict[str, Any]) -> str:
     summaries = [[n, lookup(e, "robustness_summary", "mce"), lookup(e, "robustness_summary", "relative_mce")]
                  for n, e in report["encoders"].items() if "robustness_summary" in e]
     return "".join([
-        "<h2>Robustness</h2>", _img(figures.degradation_figure(report), "degradation curves"),
-        _html_table(["encoder", "alteration", *[f"AUROC s={s}" for s in severities], "degradation", "CE", "relative CE"], rows),
-        _html_table(["encoder", "mCE", "relative mCE"], summaries) if summaries else "",
-        _note("Robustness is measured on the first replicate (its test split; for the random baseline, its first "
+        "<h2>Robustness</h2>", html_image(figures.degradation_figure(report), "degradation curves"),
+        html_table(["encoder", "alteration", *[f"AUROC s={s}" for s in severities], "degradation", "CE", "relative CE"], rows),
+        html_table(["encoder", "mCE", "relative mCE"], summaries) if summaries else "",
+        html_note("Robustness is measured on the first replicate (its test split; for the random baseline, its first "
               "initialisation): the probe fitted on clean training scans scores altered test scans. Degradation: the "
               "severity-weighted share of the clean skill (AUROC - 0.5) lost, weights (2/3)^s (ROOD-MRI), 0 = none "
               "lost, 1 = all. CE and relative CE use error = 1 - balanced accuracy against the random-init baseline "
@@ -209,19 +125,19 @@ def _robustness_section(report: dict[str, Any]) -> str:
 def _group_row(name: str, group: str, g: dict[str, Any]) -> list[Any]:
     replicate0 = g.get("first_replicate") or {}
     ci = lookup(replicate0, "ci95", "accuracy")
-    flag = _flag("small group") if g.get("small_group") else "-"
+    note = flag("small group") if g.get("small_group") else "-"
     n_test = g.get("n_test")
     return [name, group, n_test if n_test is None else f"{n_test:.0f}", g.get("accuracy"), g.get("auroc"),
-            f"{_text(replicate0.get('accuracy'))} {_interval(ci)}", flag]
+            f"{format_value(replicate0.get('accuracy'))} {format_interval(ci)}", note]
 
 
 def _fairness_tests_row(name: str, tests: dict[str, Any]) -> list[Any]:
-    return [name, _bold("replicate 0: gap (permutation p)"), "",
-            f"{_text(tests.get('accuracy_gap'))} ({_p(tests.get('accuracy_gap_p_value'))})",
-            f"{_text(tests.get('auroc_gap'))} ({_p(tests.get('auroc_gap_p_value'))})",
-            f"DP diff {_text(tests.get('demographic_parity_difference'))} "
-            f"({_p(tests.get('demographic_parity_p_value'))}); EO diff "
-            f"{_text(tests.get('equalized_odds_difference'))} ({_p(tests.get('equalized_odds_p_value'))})", ""]
+    return [name, bold("replicate 0: gap (permutation p)"), "",
+            f"{format_value(tests.get('accuracy_gap'))} ({p_value_text(tests.get('accuracy_gap_p_value'))})",
+            f"{format_value(tests.get('auroc_gap'))} ({p_value_text(tests.get('auroc_gap_p_value'))})",
+            f"DP diff {format_value(tests.get('demographic_parity_difference'))} "
+            f"({p_value_text(tests.get('demographic_parity_p_value'))}); EO diff "
+            f"{format_value(tests.get('equalized_odds_difference'))} ({p_value_text(tests.get('equalized_odds_p_value'))})", ""]
 
 
 def _fairness_section(report: dict[str, Any], attributes: list[str]) -> str:
@@ -231,15 +147,15 @@ def _fairness_section(report: dict[str, Any], attributes: list[str]) -> str:
         for name, entry in report["encoders"].items():
             result = entry["fairness"][attribute]
             rows += [_group_row(name, group, g) for group, g in result["groups"].items()]
-            rows.append([name, _bold("gap / worst group"), "", *[
-                f"{_text(lookup(result, metric, 'gap'))} / {_text(lookup(result, metric, 'worst_group'))}"
+            rows.append([name, bold("gap / worst group"), "", *[
+                f"{format_value(lookup(result, metric, 'gap'))} / {format_value(lookup(result, metric, 'worst_group'))}"
                 for metric in ("accuracy", "auroc")], "", ""])
             if result.get("first_replicate"):
                 rows.append(_fairness_tests_row(name, result["first_replicate"]))
         parts += [f"<h3>by {html.escape(attribute)}</h3>",
-                  _html_table(["encoder", "group", "n test", "accuracy (mean)", "AUROC (mean)",
+                  html_table(["encoder", "group", "n test", "accuracy (mean)", "AUROC (mean)",
                           "accuracy, replicate 0 [bootstrap 95% CI]", "note"], rows),
-                  _img(figures.group_figure(report, attribute), f"groups by {attribute}")]
+                  html_image(figures.group_figure(report, attribute), f"groups by {attribute}")]
     return "".join(parts)
 
 
@@ -255,9 +171,9 @@ def _latent_section(report: dict[str, Any], attributes: list[str]) -> str:
              _farthest_distance(lookup(entry, "latent", attribute, "frechet")), lookup(entry, "latent", "rankme")]
             for name, entry in encoders.items() for attribute in attributes]
     parts = ["<h2>Label-free latent tests</h2>",
-             _html_table(["encoder", "attribute", "leakage AUROC", "silhouette", "farthest group",
+             html_table(["encoder", "attribute", "leakage AUROC", "silhouette", "farthest group",
                      "its mean Frechet distance", "RankMe"], rows),
-             _note("Leakage AUROC: how well the attribute is predicted from embeddings (0.5 = not at all); a high site "
+             html_note("Leakage AUROC: how well the attribute is predicted from embeddings (0.5 = not at all); a high site "
                    "leakage means the encoder encodes acquisition, a bias the probes can exploit. Silhouette (in [-1, 1], "
                    "about 0 = no clustering) of the standardised embeddings by the attribute's groups. Frechet distances "
                    "are between the groups' standardised embeddings.")]
@@ -266,16 +182,16 @@ def _latent_section(report: dict[str, Any], attributes: list[str]) -> str:
     if ood:
         keys = list(dict.fromkeys(key for summary in ood.values() for key in summary))
         parts += ["<h3>k-NN out-of-distribution scores (test vs training scans)</h3>",
-                  _html_table(["encoder", *keys], [[name, *map(summary.get, keys)] for name, summary in ood.items()]),
-                  _note("Mean distance to the k nearest training embeddings over the training scans' own (left-out) "
+                  html_table(["encoder", *keys], [[name, *map(summary.get, keys)] for name, summary in ood.items()]),
+                  html_note("Mean distance to the k nearest training embeddings over the training scans' own (left-out) "
                         "mean: about 1 in distribution. AUROC test vs training about 0.5 in distribution.")]
     if "site" in attributes:
-        parts.append(_img(figures.frechet_figure(report, "site"), "Frechet distances between sites"))
-    projections = [_img(figures.projection_figure(report, attribute), f"embedding projection by {attribute}")
+        parts.append(html_image(figures.frechet_figure(report, "site"), "Frechet distances between sites"))
+    projections = [html_image(figures.projection_figure(report, attribute), f"embedding projection by {attribute}")
                    for attribute in attributes]
     if any(projections):
         parts += ["<h3>2D projection of the embeddings</h3>", *projections,
-                  _note("First two principal components of each encoder's clean embeddings, one point per subject.")]
+                  html_note("First two principal components of each encoder's clean embeddings, one point per subject.")]
     return "".join(parts)
 
 
@@ -289,11 +205,11 @@ def _crosstab(table: dict[str, Any], rare_below: float | None) -> str:
     def cell(a: str, b: str) -> Any:
         c = counts.get((a, b))
         if c is None or not c.get("count"):
-            return _flag("0 (empty)")
+            return flag("0 (empty)")
         rare = rare_below is not None and c.get("fraction", 1.0) < rare_below
-        return _flag(f"{c['count']} (rare)") if rare else c["count"]
+        return flag(f"{c['count']} (rare)") if rare else c["count"]
 
-    return _html_table([f"{first} \\ {second}", *columns], [[a, *[cell(a, b) for b in columns]] for a in rows_values])
+    return html_table([f"{first} \\ {second}", *columns], [[a, *[cell(a, b) for b in columns]] for a in rows_values])
 
 
 def _datasheet_section(report: dict[str, Any]) -> str:
@@ -304,13 +220,13 @@ def _datasheet_section(report: dict[str, Any]) -> str:
     rare = lookup(sheet, "subgroups", "rare") or {}
     counts = lookup(sheet, "subgroups", "counts") or {}
     parts = ["<h2>Datasheet</h2>",
-             f"<p>{html.escape(_text(sheet.get('num_subjects')))} subjects; attributes: "
+             f"<p>{html.escape(format_value(sheet.get('num_subjects')))} subjects; attributes: "
              f"{html.escape(', '.join(sheet.get('attributes') or []) or 'none')}. <b>Rare categories</b> (below "
-             f"{html.escape(_share(rare_below))} of the subjects): "
-             + (", ".join(_flag(f"{a} = {v}") for a, values in rare.items() for v in values) or "none") + ".</p>"]
+             f"{html.escape(share(rare_below))} of the subjects): "
+             + (", ".join(flag(f"{a} = {v}") for a, values in rare.items() for v in values) or "none") + ".</p>"]
     if counts:
-        parts.append(_html_table(["attribute", "value", "subjects", "share", "note"],
-                            [[a, v, c.get("count"), c.get("fraction"), _flag("rare") if v in rare.get(a, []) else "-"]
+        parts.append(html_table(["attribute", "value", "subjects", "share", "note"],
+                            [[a, v, c.get("count"), c.get("fraction"), flag("rare") if v in rare.get(a, []) else "-"]
                              for a, values in counts.items() for v, c in values.items()]))
     for table in sheet.get("intersections") or []:
         names = table.get("attributes") or []
@@ -318,31 +234,26 @@ def _datasheet_section(report: dict[str, Any]) -> str:
             parts += [f"<h3>Intersection {html.escape(' x '.join(names))}</h3>", _crosstab(table, rare_below)]
         else:
             rare_cells = [" & ".join(f"{k}={v}" for k, v in c.items()) for c in table.get("rare") or []]
-            parts.append(_note(f"Intersection {' x '.join(names)}: {len(table.get('cells') or [])} observed "
+            parts.append(html_note(f"Intersection {' x '.join(names)}: {len(table.get('cells') or [])} observed "
                                f"combinations; rare: {', '.join(rare_cells) or 'none'}."))
     missing = sheet.get("missing") or {}
     gaps = [[c, m.get("count"), m.get("fraction")] for c, m in (missing.get("per_column") or {}).items() if m.get("count")]
-    parts += ["<h3>Missing metadata</h3>", _html_table(["column", "missing", "share"], gaps) if gaps else "",
-              _note(f"{_text(missing.get('num_subjects_with_missing'))} of {_text(sheet.get('num_subjects'))} "
+    parts += ["<h3>Missing metadata</h3>", html_table(["column", "missing", "share"], gaps) if gaps else "",
+              html_note(f"{format_value(missing.get('num_subjects_with_missing'))} of {format_value(sheet.get('num_subjects'))} "
                     "subjects miss at least one metadata value.")]
     flags = [f"{f} {q.get('count')}" for f, q in (lookup(sheet, "quality", "flags") or {}).items() if q.get("count")]
     if "quality" in sheet:
-        parts.append(_note(f"Quality flags: {', '.join(flags) or 'none raised'}. "
+        parts.append(html_note(f"Quality flags: {', '.join(flags) or 'none raised'}. "
                            "The full datasheet: `raf shards datasheet`."))
     return "".join(parts)
 
 
 def _structure_rows(name: str, segmentation: dict[str, Any]) -> list[list[Any]]:
     per_structure = segmentation.get("per_structure") or {}
-    return [[name, structure, f"{_text(_number(s.get('dice')))} {_interval(s.get('dice_ci95'))}",
-             _number(s.get("hd95")), _number(s.get("nsd"))]
+    return [[name, structure, f"{format_value(number(s.get('dice')))} {format_interval(s.get('dice_ci95'))}",
+             number(s.get("hd95")), number(s.get("nsd"))]
             for structure in segmentation.get("structures") or list(per_structure)
             if isinstance(s := per_structure.get(structure), dict)]
-
-
-def _ser(ser: dict[str, Any]) -> str:
-    # JSON has no infinity: a perfect group's infinite SER arrives as null with the `infinite` flag
-    return "infinite" if ser.get("infinite") else _text(ser.get("value"))
 
 
 def _segmentation_fairness_rows(name: str, segmentation: dict[str, Any]) -> list[list[Any]]:
@@ -350,18 +261,18 @@ def _segmentation_fairness_rows(name: str, segmentation: dict[str, Any]) -> list
     for attribute, result in (segmentation.get("fairness") or {}).items():
         dice = result.get("dice") or {}
         for group, g in (dice.get("groups") or {}).items():
-            rows.append([name, attribute, group, g.get("n"), f"{_text(g.get('value'))} {_interval(g.get('ci95'))}",
-                         _flag("small group") if g.get("small") else "-"])
+            rows.append([name, attribute, group, g.get("n"), f"{format_value(g.get('value'))} {format_interval(g.get('ci95'))}",
+                         flag("small group") if g.get("small") else "-"])
         ser = result.get("skewed_error_rate") or {}
-        rows.append([name, attribute, _bold("gap / worst group / SER"), "",
-                     f"gap {_text(dice.get('gap'))} ({_p(dice.get('p_value_gap'))}), worst "
-                     f"{_text(dice.get('worst_group'))}", f"SER {_ser(ser)} ({_p(ser.get('p_value'))})"])
+        rows.append([name, attribute, bold("gap / worst group / SER"), "",
+                     f"gap {format_value(dice.get('gap'))} ({p_value_text(dice.get('p_value_gap'))}), worst "
+                     f"{format_value(dice.get('worst_group'))}", f"SER {ser_text(ser)} ({p_value_text(ser.get('p_value'))})"])
     return rows
 
 
 def _plausibility_rows(name: str, segmentation: dict[str, Any]) -> list[list[Any]]:
     plausibility = segmentation.get("plausibility") or {}
-    rows = [[name, _bold("all"), "", plausibility.get("topology_share"), plausibility.get("shape_prior_share")]]
+    rows = [[name, bold("all"), "", plausibility.get("topology_share"), plausibility.get("shape_prior_share")]]
     for attribute, by_group in (plausibility.get("by_group") or {}).items():
         rows += [[name, f"{attribute} = {group}", g.get("n"), g.get("share"), ""] for group, g in by_group.items()]
     return rows if plausibility else []
@@ -375,7 +286,7 @@ def _rca_rows(name: str, segmentation: dict[str, Any]) -> list[list[Any]]:
     sign = rca.get("sign_right") or {}
     return [[name, rca.get("pearson"), attribute, lookup(rca, "true_gap", attribute),
              lookup(rca, "estimated_gap", attribute),
-             "-" if sign.get(attribute) is None else ("yes" if sign[attribute] else _flag("no"))]
+             "-" if sign.get(attribute) is None else ("yes" if sign[attribute] else flag("no"))]
             for attribute in attributes] or [[name, rca.get("pearson"), "", None, None, "-"]]
 
 
@@ -388,40 +299,39 @@ def _segmentation_section(report: dict[str, Any]) -> str:
     rca = [row for n, s in entries.items() for row in _rca_rows(n, s)]
     return "".join([
         "<h2>Segmentation (pixel level)</h2>",
-        _html_table(["encoder", "structure", "Dice [95% CI]", "HD95 (mm)", "NSD"],
+        html_table(["encoder", "structure", "Dice [95% CI]", "HD95 (mm)", "NSD"],
                [row for n, s in entries.items() for row in _structure_rows(n, s)]),
-        _note("Dice, HD95 and normalised surface distance as in Metrics Reloaded; an empty prediction of a non-empty "
+        html_note("Dice, HD95 and normalised surface distance as in Metrics Reloaded; an empty prediction of a non-empty "
               "reference scores the worst case."),
         "<h3>Dice by group</h3>" if attributes else "",
-        _html_table(["encoder", "attribute", "group", "n", "Dice [95% CI]", "note"],
+        html_table(["encoder", "attribute", "group", "n", "Dice [95% CI]", "note"],
                [row for n, s in entries.items() for row in _segmentation_fairness_rows(n, s)]) if attributes else "",
-        *[_img(figures.segmentation_group_figure(report, a), f"Dice by {a}") for a in attributes],
-        _note("Gap = max - min of the groups' mean Dice (permutation p-value); SER = max_g(1 - Dice_g) / "
+        *[html_image(figures.segmentation_group_figure(report, a), f"Dice by {a}") for a in attributes],
+        html_note("Gap = max - min of the groups' mean Dice (permutation p-value); SER = max_g(1 - Dice_g) / "
               "min_g(1 - Dice_g).") if attributes else "",
-        _note("This cohort has no label maps: the Dice by group above is RCA's estimate (the head and the RCA "
+        html_note("This cohort has no label maps: the Dice by group above is RCA's estimate (the head and the RCA "
               "references come from evaluate.segmentation.reference_cohort).")
         if any(s.get("fairness_source") == "rca_estimate" for s in entries.values()) else "",
         "<h3>Plausibility</h3>" if plausibility else "",
-        _html_table(["encoder", "subjects", "n", "topologically plausible share", "shape-prior plausible share"],
+        html_table(["encoder", "subjects", "n", "topologically plausible share", "shape-prior plausible share"],
                plausibility) if plausibility else "",
         "<h3>Reverse classification accuracy (Dice without labels)</h3>" if rca else "",
-        _html_table(["encoder", "Pearson r (estimated vs true Dice)", "attribute", "true Dice gap", "estimated Dice gap",
+        html_table(["encoder", "Pearson r (estimated vs true Dice)", "attribute", "true Dice gap", "estimated Dice gap",
                 "sign right"], rca) if rca else "",
-        _img(figures.rca_figure(report), "RCA estimated vs true Dice")])
+        html_image(figures.rca_figure(report), "RCA estimated vs true Dice")])
 
 
 def render_html(report: dict[str, Any]) -> str:
     attributes = list(report["config"]["group_by"])
     primary = report["config"]["primary_target"]
-    return "\n".join([
-        f"<!doctype html><html><head><meta charset='utf-8'><title>rafmedia RAF report</title><style>{STYLE}</style></head><body>",
+    return html_page("rafmedia RAF report", [
         "<h1>rafmedia: robustness and fairness report</h1>",
         f"<p class='note'>Cohort: {html.escape(report['cohort']['path'])}. Primary target: <b>{html.escape(primary)}</b>. "
         "Every number is in report.json next to this file.</p>",
         _raf_section(report), _probe_section(report), _robustness_section(report),
         _fairness_section(report, list(next(iter(report["encoders"].values()))["fairness"])),
         _latent_section(report, attributes), _segmentation_section(report), _datasheet_section(report),
-        _planted_section(report), "</body></html>"])
+        _planted_section(report)])
 
 
 def render_report(results_dir: str | Path) -> Path:
@@ -433,7 +343,5 @@ def render_report(results_dir: str | Path) -> Path:
         raise UserError(f"{source} not found: point `raf report` at a folder written by `raf evaluate`")
     report = read_json(source)
     atomic_write_bytes(results_dir / "summary.png", figures.summary_figure(report))
-    from rafmedia.evaluate.report_md import render_markdown  # it reads this module's formatters
-
     atomic_write_text(results_dir / REPORT_MD, render_markdown(report))
     return atomic_write_text(results_dir / REPORT_HTML, render_html(report))

@@ -18,22 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.distributed import Place, gather_objects, init_distributed, place_from_environment
-from rafmedia.engine.errors import UserError
-from rafmedia.evaluate import downstream, latent, raf
+from rafmedia.evaluate import latent, raf, scan_level
 from rafmedia.evaluate.cache import CacheKey, EmbeddingCache, cached_embeddings
 from rafmedia.evaluate.embed import embed_subjects, embedding_stability, shared_by_rank
-from rafmedia.evaluate.entries import EncoderEntry, build_entries
-from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy,
-                                       corruption_error, relative_corruption_error, summarize_groups)
-from rafmedia.evaluate.pixel import LabelledSet, SegmentationConfig, segmentation_results
+from rafmedia.evaluate.encoder_entries import EncoderEntry, build_entries
+from rafmedia.evaluate.metrics import (compute_accuracy, compute_auroc, compute_balanced_accuracy, corruption_error,
+                                       relative_corruption_error, summarize_groups)
 from rafmedia.evaluate.probes import create_probe
-from rafmedia.evaluate.robustness import mean_corruption_error
 from rafmedia.evaluate.results import CellKey, ResultsStore, digest, jsonable
+from rafmedia.evaluate.robustness import mean_corruption_error
+from rafmedia.evaluate.segmentation import LabelledSet, SegmentationConfig, segmentation_results
 from rafmedia.shards.alterations import create_alteration, list_alterations
 from rafmedia.shards.store import CohortStore
-from rafmedia.shards.stream import load_volumes
-
+from rafmedia.shards.volumes import load_volumes
 
 RESULTS_VERSION = 2  # raise when a computation changes, so that results stores never serve cells computed the old way
 
@@ -271,10 +270,10 @@ def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig
               for (seed, target), fit in fits.items() if target == config.primary_target]
     emb_by_seed = {r.seed: clean[id(r.model)] for r in entry.replicates}
     probes = probe_results(fits, data.labels, config)
-    probes[config.primary_target].update(downstream.knn_and_few_shot(emb_by_seed, y, data.splits, fractions=config.few_shot,
+    probes[config.primary_target].update(scan_level.knn_and_few_shot(emb_by_seed, y, data.splits, fractions=config.few_shot,
                                                                      c_grid=config.c_grid))
     for column in config.ordinal_targets:
-        probes[column] = downstream.ordinal_results(emb_by_seed, downstream.ordinal_values(data.rows, column),
+        probes[column] = scan_level.ordinal_results(emb_by_seed, scan_level.ordinal_values(data.rows, column),
                                                     data.splits, c_grid=config.c_grid)
     result = {
         "source": entry.source,
@@ -469,7 +468,7 @@ def add_corruption_errors(results: dict[str, Any], *, baseline: str | None) -> N
 
 
 def cohort_summary(store: CohortStore, rows, config: EvaluateConfig) -> dict[str, Any]:
-    from rafmedia.engine.files import read_json
+    from rafmedia.core.files import read_json
 
     planted = store.path / "planted.json"
     counts = {column: {str(v): sum(str(r[column]) == str(v) for r in rows) for v in sorted({str(r[column]) for r in rows})}

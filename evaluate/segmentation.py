@@ -1,169 +1,164 @@
-"""Pixel-level segmentation metrics per structure (Dice, HD95, NSD) as defined by Metrics Reloaded.
+"""The pixel-level downstream task of one encoder: a segmentation head on its frozen features, scored per structure
+(Metrics Reloaded), by subgroup (Dice gap, skewed error rate), for anatomical plausibility (topology against the
+training masks' norms; the shape prior's reconstruction error when one is given) and by reverse classification
+accuracy (RCA: Dice estimated without the test ground truth, compared here with the true Dice).
 
-Definitions (Maier-Hein et al., "Metrics Reloaded", Nature Methods 2024), computed by MONAI's functions:
-- Dice = 2 |P & R| / (|P| + |R|) (`monai.metrics.compute_dice`);
-- HD95 = max(q95 of the distances from the border voxels of P to the border of R, q95 of those from R to P),
-  in mm (`monai.metrics.compute_hausdorff_distance(percentile=95)`: borders are the voxels removed by one
-  binary erosion, distances are Euclidean with the voxel spacing, quantiles interpolate linearly);
-- NSD at tolerance tau = (|{p in dP : d(p, dR) <= tau}| + |{r in dR : d(r, dP) <= tau}|) / (|dP| + |dR|)
-  (`monai.metrics.compute_surface_dice`, border voxels counted as in HD95).
-
-MONAI answers NaN, inf or a warning when a mask is empty; Metrics Reloaded asks for the worst value instead,
-never a value silently dropped, so the empty cases are decided here before MONAI is called (see
-`segmentation_metrics`).
+Two set-ups. Without `reference_cohort`, the evaluated cohort's own label maps are used: the head trains on the
+first replicate's training subjects and everything is scored on its test subjects, where RCA's estimate can be
+checked against the true Dice. With `reference_cohort` (a labelled store), the head trains on it and RCA takes its
+references from it, and the evaluated cohort needs no labels: its subjects are scored by RCA's estimated Dice
+(by group: an estimated gap and worst group) and by plausibility; if it does have labels, the true scores are
+reported beside the estimates.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from rafmedia.engine.errors import UserError
-
-METRICS = ("dice", "hd95", "nsd")
+from rafmedia.core.errors import UserError
 
 
-def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """Length of the image's diagonal, sqrt(sum_i (n_i s_i)^2) in mm: more than any distance between two voxels,
-    so it is the worst HD95 a mask can get."""
-    return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)) ** 2)))
+@dataclass
+class SegmentationConfig:
+    """`evaluate.segmentation`: off unless `enabled`; needs a label channel in the cohort."""
+
+    enabled: bool = False
+    channel: str = "label"
+    structures: dict[str, int] = field(default_factory=lambda: {"body": 1, "heart": 2, "liver": 3, "kidney": 4})
+    head_steps: int = 150
+    head_lr: float = 1e-2
+    nsd_tolerance_mm: float = 2.0
+    shape_prior: str = ""  # shape_prior.safetensors of a shape_prior_dae run: adds the reconstruction-error score
+    reference_cohort: str = ""  # a labelled store to train the head and draw RCA references from (see above)
+    rca_references: int = 8  # training subjects used as RCA's reference set (0: no RCA)
+    rca_method: str = "voxel_classifier"
+
+    def validate(self) -> None:
+        if self.enabled and not self.structures:
+            raise UserError("evaluate.segmentation.structures is empty: name the label values to score, "
+                            "e.g. {heart: 2, liver: 3}")
 
 
-def _check_inputs(pred_DHW: np.ndarray, ref_DHW: np.ndarray, labels: dict[str, int], spacing,
-                  nsd_tolerance_mm: float) -> tuple[float, float, float]:
-    """Checks the inputs; returns the spacing as three floats."""
-    if pred_DHW.shape != ref_DHW.shape or pred_DHW.ndim != 3:
-        raise UserError(f"segmentation_metrics takes two label maps (D, H, W) of one shape, got {pred_DHW.shape} "
-                        f"(prediction) and {ref_DHW.shape} (reference); resample the prediction to the reference grid")
-    if not labels:
-        raise UserError("segmentation_metrics: `labels` is empty; pass {structure name: label value}, "
-                        "e.g. {'liver': 3}")
-    values = np.asarray(spacing, dtype=np.float64).ravel()
-    if values.size not in (1, 3) or not (np.isfinite(values).all() and (values > 0).all()):
-        raise UserError(f"voxel spacing must be three positive sizes in mm along (D, H, W), or one for isotropic "
-                        f"voxels, got {spacing}")
-    spacing = tuple(float(value) for value in np.broadcast_to(values, (3,)))
-    if not (np.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):  # MONAI's own check, with our error
-        raise UserError(f"nsd_tolerance_mm must be a finite distance >= 0 in mm, got {nsd_tolerance_mm}")
-    return spacing
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    finite = np.isfinite(x) & np.isfinite(y)
+    if finite.sum() < 3 or np.std(x[finite]) == 0 or np.std(y[finite]) == 0:
+        return float("nan")
+    return float(np.corrcoef(x[finite], y[finite])[0, 1])
 
 
-def _monai_metrics(pred_KDHW: np.ndarray, ref_KDHW: np.ndarray, spacing: tuple[float, float, float],
-                   nsd_tolerance_mm: float) -> dict[str, np.ndarray]:
-    """Dice, HD95, NSD for K binary channels, every one non-empty in both maps."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
-
-    pred = torch.from_numpy(pred_KDHW[None].astype(np.float32))
-    ref = torch.from_numpy(ref_KDHW[None].astype(np.float32))
-    with warnings.catch_warnings():
-        # MONAI 1.5-1.6 passes its own deprecated argument to get_mask_edges; the warning is not for our users.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        dice = compute_dice(pred, ref, include_background=True, ignore_empty=False)
-        hd95 = compute_hausdorff_distance(pred, ref, include_background=True, percentile=95, spacing=list(spacing))
-        nsd = compute_surface_dice(pred, ref, [nsd_tolerance_mm] * len(pred_KDHW), include_background=True,
-                                   spacing=list(spacing))
-    return {name: value[0].double().numpy() for name, value in zip(METRICS, (dice, hd95, nsd))}
+def _group_means(values_N: np.ndarray, groups_N: np.ndarray) -> dict[str, float]:
+    return {str(g): float(np.nanmean(values_N[groups_N == g])) for g in np.unique(groups_N)}
 
 
-def _empty_case(pred_empty: bool, ref_empty: bool, diagonal_mm: float) -> dict[str, float]:
-    if pred_empty and ref_empty:  # nothing to find and nothing found: a perfect answer
-        return {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}
-    return {"dice": 0.0, "hd95": diagonal_mm, "nsd": 0.0}  # one side empty: the worst case
+@dataclass
+class LabelledSet:
+    """Images (N, C, D, H, W) with label maps (N, D, H, W), or None for the maps of an unlabelled cohort."""
+
+    images: torch.Tensor
+    labels: np.ndarray | None
 
 
-def segmentation_metrics(pred_DHW: np.ndarray, ref_DHW: np.ndarray, *, labels: dict[str, int],
-                         spacing: float | Sequence[float] = (1.0, 1.0, 1.0),
-                         nsd_tolerance_mm: float = 1.0) -> dict[str, dict[str, float | bool]]:
-    """Dice, HD95 (mm) and NSD per structure of two integer label maps, as in Metrics Reloaded (module docstring).
+def segmentation_results(encoder: torch.nn.Module, train: LabelledSet, test: LabelledSet,
+                         groups: dict[str, np.ndarray], *, config: SegmentationConfig,
+                         spacing: tuple[float, float, float], seed: int, bootstrap_resamples: int, permutations: int,
+                         min_group_size: int) -> dict[str, Any]:
+    """Everything the report's segmentation section shows, for one encoder (module docstring). `groups` label the
+    test subjects."""
+    from rafmedia.evaluate.fairness import segmentation_fairness
+    from rafmedia.evaluate.plausibility import plausibility_by_group, topology_norms, topology_plausible
+    from rafmedia.evaluate.segmentation_head import fit_segmentation_head, predict_masks
 
-    Structure `name` is the binary mask `label_map == labels[name]`. Empty masks, where MONAI gives NaN or inf,
-    get the values Metrics Reloaded prescribes, so no case can fall silently out of an average:
-    - reference present, prediction empty: the worst case, Dice 0, NSD 0, HD95 = the image diagonal in mm
-      (`image_diagonal_mm`, larger than any distance two voxels can have);
-    - prediction present, reference empty: Dice 0, NSD 0, HD95 = the image diagonal;
-    - both empty: Dice 1, NSD 1, HD95 0.
-    The flags `pred_empty` and `ref_empty` say which case applied, so an aggregation can keep or leave out the
-    structures absent from the reference explicitly (`aggregate_structures(include_ref_empty=...)`).
-
-    Args:
-        pred_DHW: predicted label map (D, H, W), integers.
-        ref_DHW: reference label map of the same shape.
-        labels: structure name -> label value.
-        spacing: voxel size in mm along (D, H, W), or one number for isotropic voxels.
-        nsd_tolerance_mm: the NSD tolerance tau in mm.
-
-    Returns:
-        {structure: {"dice", "hd95", "nsd": float, "pred_empty", "ref_empty": bool}}.
-    """
-    pred_DHW, ref_DHW = np.asarray(pred_DHW), np.asarray(ref_DHW)
-    spacing = _check_inputs(pred_DHW, ref_DHW, labels, spacing, nsd_tolerance_mm)
-    diagonal_mm = image_diagonal_mm(ref_DHW.shape, spacing)
-    results, both_present = {}, []
-    for name, value in labels.items():
-        pred_empty, ref_empty = not (pred_DHW == value).any(), not (ref_DHW == value).any()
-        results[name] = {"pred_empty": pred_empty, "ref_empty": ref_empty}
-        if pred_empty or ref_empty:
-            results[name].update(_empty_case(pred_empty, ref_empty, diagonal_mm))
-        else:
-            both_present.append(name)
-    if both_present:
-        values = [labels[name] for name in both_present]
-        pred_KDHW = np.stack([pred_DHW == value for value in values])
-        ref_KDHW = np.stack([ref_DHW == value for value in values])
-        computed = _monai_metrics(pred_KDHW, ref_KDHW, spacing, float(nsd_tolerance_mm))
-        for index, name in enumerate(both_present):
-            results[name].update({metric: float(computed[metric][index]) for metric in METRICS})
-    return {name: {metric: results[name][metric] for metric in (*METRICS, "pred_empty", "ref_empty")}
-            for name in labels}
+    num_classes = int(train.labels.max()) + 1
+    head = fit_segmentation_head(encoder, train.images, train.labels, num_classes=num_classes,
+                                 steps=config.head_steps, lr=config.head_lr, seed=seed)
+    predictions = predict_masks(encoder, head, test.images)
+    fairness_options = dict(seed=seed, num_resamples=bootstrap_resamples, num_permutations=permutations,
+                            min_group_size=min_group_size)
+    out: dict[str, Any] = {"structures": list(config.structures), "labelled": test.labels is not None}
+    true_dice_N = None
+    if test.labels is not None:
+        out.update(_true_scores(predictions, test.labels, config, spacing, seed, bootstrap_resamples))
+        true_dice_N = np.array(out["dice_per_subject"])
+        out["fairness"] = {name: segmentation_fairness(true_dice_N, labels, **fairness_options)
+                           for name, labels in groups.items()}
+    norms = topology_norms(list(train.labels), config.structures)
+    plausible = topology_plausible(list(predictions), norms)
+    out["plausibility"] = {"topology_share": float(plausible.mean()), "shape_prior_share": None,
+                           "by_group": {name: plausibility_by_group(plausible, labels) for name, labels in groups.items()}}
+    if config.shape_prior:
+        out["plausibility"].update(_shape_prior_plausibility(config.shape_prior, predictions, train.labels,
+                                                             plausible, groups))
+    if config.rca_references > 0:
+        out["rca"] = _rca(train, test.images, predictions, true_dice_N, groups, config=config, seed=seed)
+        if test.labels is None:  # the estimate is all there is: its fairness by group
+            estimated = np.nan_to_num(np.array(out["rca"]["estimated_dice"]), nan=0.0)
+            out["estimated_fairness"] = {name: segmentation_fairness(estimated, labels, **fairness_options)
+                                         for name, labels in groups.items()}
+            out["fairness"], out["fairness_source"] = out["estimated_fairness"], "rca_estimate"
+    return out
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": float("nan"), "median": float("nan")}
-    array = np.asarray(values, dtype=np.float64)
-    return {"mean": float(array.mean()), "median": float(np.median(array))}
+def _true_scores(predictions, labels_NDHW, config, spacing, seed, bootstrap_resamples) -> dict[str, Any]:
+    """Metrics Reloaded scores per structure (means, Dice with a subject-bootstrap CI) and each subject's mean Dice."""
+    from rafmedia.evaluate.metrics import bootstrap_ci
+    from rafmedia.evaluate.segmentation_metrics import segmentation_metrics
+
+    per_case = [segmentation_metrics(pred, ref, labels=config.structures, spacing=spacing,
+                                     nsd_tolerance_mm=config.nsd_tolerance_mm) for pred, ref in zip(predictions, labels_NDHW)]
+    names = list(config.structures)
+    dice_NS = np.array([[case[s]["dice"] for s in names] for case in per_case])
+    per_structure = {}
+    for k, s in enumerate(names):
+        per_structure[s] = {metric: float(np.mean([case[s][metric] for case in per_case]))
+                            for metric in ("dice", "hd95", "nsd")}
+        per_structure[s]["dice_ci95"] = list(bootstrap_ci(lambda idx, k=k: float(dice_NS[idx, k].mean()), len(dice_NS),
+                                                          seed=seed, num_resamples=bootstrap_resamples))
+    return {"per_structure": per_structure, "dice_per_subject": dice_NS.mean(axis=1).tolist()}
 
 
-def aggregate_structures(per_case: list[dict[str, dict[str, float | bool]]], *,
-                         include_ref_empty: bool = True) -> dict[str, dict]:
-    """Mean and median of each metric per structure over cases, and over all (case, structure) pairs.
+def _shape_prior_plausibility(path: str, predictions, train_labels, topology_ok, groups) -> dict[str, Any]:
+    """Plausible = within the topology norms and a reconstruction error at most the training masks' 95th centile."""
+    from rafmedia.engine.tasks.shape import load_shape_prior
+    from rafmedia.evaluate.plausibility import error_threshold, plausibility_by_group, shape_prior_error
 
-    Args:
-        per_case: one `segmentation_metrics` result per case.
-        include_ref_empty: whether structures absent from a case's reference count (both empty: Dice 1; only
-            the prediction present: Dice 0). Either way the counts below say how many there were.
+    prior, _ = load_shape_prior(path)
+    threshold = error_threshold(shape_prior_error(prior, train_labels))
+    errors = shape_prior_error(prior, predictions)
+    plausible = topology_ok & (errors <= threshold)
+    return {"shape_prior_share": float((errors <= threshold).mean()), "shape_prior_threshold": threshold,
+            "shape_prior_error_mean": float(errors.mean()), "combined_share": float(plausible.mean()),
+            "combined_by_group": {name: plausibility_by_group(plausible, labels) for name, labels in groups.items()}}
 
-    Returns:
-        {"per_structure": {structure: {metric: {"mean", "median"}, "num_cases", "num_pred_empty",
-        "num_ref_empty", "num_both_empty", "num_excluded"}}, "over_structures": {metric: {"mean", "median"},
-        "num_pairs", "num_pred_empty", "num_excluded"}}. `num_pred_empty` counts prediction-empty cases whose
-        reference is present (the worst cases); a structure left with no case has NaN summaries and
-        num_cases 0.
-    """
-    if not per_case:
-        raise UserError("aggregate_structures got no cases; pass a list of segmentation_metrics results")
-    structures = list(per_case[0])
-    for index, case in enumerate(per_case):
-        if list(case) != structures:
-            raise UserError(f"aggregate_structures: case {index} has structures {list(case)} but case 0 has "
-                            f"{structures}; score every case with the same `labels`")
-    per_structure, pooled = {}, {metric: [] for metric in METRICS}
-    for name in structures:
-        rows = [case[name] for case in per_case]
-        kept = [row for row in rows if include_ref_empty or not row["ref_empty"]]
-        entry = {metric: _summary([row[metric] for row in kept]) for metric in METRICS}
-        entry.update(num_cases=len(kept),
-                     num_pred_empty=sum(row["pred_empty"] and not row["ref_empty"] for row in rows),
-                     num_ref_empty=sum(bool(row["ref_empty"]) for row in rows),
-                     num_both_empty=sum(row["pred_empty"] and row["ref_empty"] for row in rows),
-                     num_excluded=len(rows) - len(kept))
-        per_structure[name] = entry
-        for metric in METRICS:
-            pooled[metric] += [row[metric] for row in kept]
-    over = {metric: _summary(pooled[metric]) for metric in METRICS}
-    over.update(num_pairs=sum(entry["num_cases"] for entry in per_structure.values()),
-                num_pred_empty=sum(entry["num_pred_empty"] for entry in per_structure.values()),
-                num_excluded=sum(entry["num_excluded"] for entry in per_structure.values()))
-    return {"per_structure": per_structure, "over_structures": over}
+
+def _rca(train: LabelledSet, test_images, predictions, true_dice_N, groups, *, config, seed) -> dict[str, Any]:
+    """RCA's Dice estimate of every test prediction from `rca_references` labelled subjects; against the truth when
+    the test subjects have labels."""
+    from rafmedia.evaluate.rca import estimate_dice, estimated_gap
+
+    references = np.random.default_rng(seed).permutation(len(train.labels))[:config.rca_references]
+    estimated = estimate_dice(test_images.numpy(), predictions, train.images.numpy()[references],
+                              train.labels[references], structures=config.structures, method=config.rca_method,
+                              seed=seed)
+    estimated = np.nanmean(estimated, axis=1)  # a structure absent from both maps is undefined, not 0
+    out: dict[str, Any] = {"estimated_dice": estimated.tolist(), "num_references": int(len(references)),
+                           "estimated_gap": {}, "worst_group": {}}
+    if true_dice_N is not None:
+        out.update({"pearson": _pearson(estimated, true_dice_N), "true_dice": true_dice_N.tolist(), "true_gap": {},
+                    "sign_right": {}})
+    for name, labels in groups.items():
+        guess = estimated_gap(estimated, labels)
+        out["estimated_gap"][name] = guess["gap"]
+        out["worst_group"][name] = {"estimated": guess["worst_group"]}
+        if true_dice_N is None:
+            continue
+        true = _group_means(true_dice_N, labels)
+        true_gap = max(true.values()) - min(true.values()) if len(true) > 1 else float("nan")
+        out["true_gap"][name] = true_gap
+        out["worst_group"][name]["true"] = min(true, key=true.get)
+        # the worst group found without labels is the true one (undefined when the groups do not differ)
+        out["sign_right"][name] = (out["worst_group"][name]["true"] == guess["worst_group"]
+                                   if np.isfinite(true_gap) and true_gap > 0 else None)
+    return out

@@ -9,8 +9,8 @@ import signal
 import sys
 import time
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import did_you_mean
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import did_you_mean
 
 EPILOG_CONFIG = """configuration:
   Values come from the packaged defaults (configs/default.yaml), then --config FILE (a path, or a packaged

@@ -6,7 +6,7 @@ import dataclasses
 import importlib
 from pathlib import Path
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.launch.config import RafConfig, load_config, write_resolved
 
 COHORT_STORE = "cohort.zarr"
@@ -62,8 +62,8 @@ def run_pretrain(args: argparse.Namespace) -> Path:
 
 def run_evaluate(args: argparse.Namespace) -> Path:
     """Every encoder x cohort cell through one results store; a report per cohort; the leaderboard."""
+    from rafmedia.core.files import write_json
     from rafmedia.engine.distributed import place_from_environment
-    from rafmedia.engine.files import write_json
     from rafmedia.evaluate.cache import EmbeddingCache
     from rafmedia.evaluate.leaderboard import leaderboard_rows, write_leaderboard
     from rafmedia.evaluate.report import REPORT_JSON, render_report
@@ -212,7 +212,7 @@ def run_cohort(args: argparse.Namespace) -> Path:
 
 
 def run_cohort_build(args: argparse.Namespace) -> Path:
-    from rafmedia.engine.files import read_json
+    from rafmedia.core.files import read_json
     from rafmedia.shards.cohort import build_cohort
     from rafmedia.shards.cohort_spec import load_spec
 
@@ -255,7 +255,7 @@ LISTINGS = {
     "probes": "rafmedia.evaluate.probes:list_probes",
     "intensity-policies": "rafmedia.shards.preprocess:list_intensity_policies",
     "wrappers": "rafmedia.engine.wrappers:list_wrappers",
-    "encoder-sources": "rafmedia.evaluate.encoders:list_encoder_sources",
+    "encoder-sources": "rafmedia.evaluate.encoder_sources:list_encoder_sources",
     "reverse-classifiers": "rafmedia.evaluate.rca:list_reverse_classifiers",
     "group-metrics": "rafmedia.evaluate.fairness:list_group_metrics",
 }

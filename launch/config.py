@@ -15,19 +15,19 @@ from typing import Any
 
 import yaml
 
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_text
+from rafmedia.core.registry import did_you_mean
+from rafmedia.engine.batches import DataConfig
 from rafmedia.engine.encoders import EncoderConfig
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_text
-from rafmedia.engine.registry import did_you_mean
 from rafmedia.engine.tasks import TaskConfig
 from rafmedia.engine.train import TrainConfig
 from rafmedia.evaluate.runner import EvaluateConfig
+from rafmedia.launch.slurm import SlurmConfig
 from rafmedia.shards.ingest import IngestConfig
 from rafmedia.shards.store import StoreConfig
-from rafmedia.shards.stream import DataConfig
 from rafmedia.shards.synth import CohortConfig
 from rafmedia.shards.wds_export import ExportConfig
-from rafmedia.launch.slurm import SlurmConfig
 
 DEFAULT_CONFIG = "default"
 RESOLVED_CONFIG = "resolved_config.yaml"

@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 
 DEFAULT_PORT = 29500
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_text
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_text
 
 JOBS_FILE = "jobs.jsonl"
 REQUEUE_SIGNALS = {128 + signal.SIGUSR1, 128 + signal.SIGUSR2}  # exit codes of a run stopped by a warning signal

@@ -36,11 +36,10 @@ from typing import Any, Hashable
 import numpy as np
 import yaml
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import read_json, write_json
-from rafmedia.engine.registry import did_you_mean
-from rafmedia.shards.cohort_spec import (ChallengingSpec, CohortSpec, ImbalanceSpec, OutOfDistributionSpec,
-                                         spec_to_dict)
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import read_json, write_json
+from rafmedia.core.registry import did_you_mean
+from rafmedia.shards.cohort_spec import ChallengingSpec, CohortSpec, ImbalanceSpec, OutOfDistributionSpec, spec_to_dict
 from rafmedia.shards.splits import stratified_assign
 from rafmedia.shards.store import CohortStore
 from rafmedia.shards.synth import exact_counts

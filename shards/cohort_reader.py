@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import did_you_mean
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import did_you_mean
 from rafmedia.shards.cohort import NO_ALTERATION, SPLIT_COLUMNS
 from rafmedia.shards.store import CohortStore, _parse_cell
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import did_you_mean
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import did_you_mean
 
 SPEC_PACKAGE = "rafmedia.configs"
 SPEC_FOLDER = "cohorts"

@@ -25,9 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_bytes, atomic_write_text, write_json
-from rafmedia.engine.registry import did_you_mean
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_bytes, atomic_write_text, write_json
+from rafmedia.core.registry import did_you_mean
 from rafmedia.shards.manifest import QUALITY_FLAGS
 
 MISSING = "(missing)"

@@ -1,7 +1,7 @@
 """Figures (matplotlib, Agg) and the Markdown / HTML pages of a datasheet, drawn from its JSON only.
 
-The HTML helpers (`_html_table`, `_img`, the style sheet) and the PNG helpers are those of the RAF report
-(`rafmedia.evaluate.report`, `rafmedia.evaluate.figures`), so both pages look and behave alike.
+The HTML and PNG helpers (`rafmedia.core.render`) are those of the RAF report, so both pages look and behave
+alike.
 """
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rafmedia.evaluate.figures import _png, _pyplot
-from rafmedia.evaluate.report import STYLE, _html_table, _img
+from rafmedia.core.render import flag, html_image, html_note, html_page, html_table, markdown_table, png, subplots
 
 RARE_COLOUR, COMMON_COLOUR = "#c0392b", "#4c72b0"
 
@@ -19,11 +18,10 @@ RARE_COLOUR, COMMON_COLOUR = "#c0392b", "#4c72b0"
 # ---- figures ----------------------------------------------------------------------------------------
 def categories_figure(sheet: dict[str, Any]) -> bytes:
     """One bar panel per attribute; rare categories in red."""
-    plt = _pyplot()
     attributes = sheet["attributes"]
     columns = min(3, len(attributes))
     rows = -(-len(attributes) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False)
     for ax, attribute in zip(axes.ravel(), attributes):
         counts = sheet["subgroups"]["counts"][attribute]
         rare = set(sheet["subgroups"]["rare"][attribute])
@@ -36,19 +34,18 @@ def categories_figure(sheet: dict[str, Any]) -> bytes:
         ax.axis("off")
     fig.suptitle(f"subjects per category (red: below {sheet['rare_below']:.0%} of subjects)", fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def intersection_figure(table: dict[str, Any]) -> bytes:
     """A count heatmap of one pair of attributes (e.g. site x scanner); empty cells stand out in white."""
-    plt = _pyplot()
     first, second = table["attributes"]
     rows = sorted({c["values"][first] for c in table["cells"]})
     columns = sorted({c["values"][second] for c in table["cells"]})
     grid = np.zeros((len(rows), len(columns)))
     for cell in table["cells"]:
         grid[rows.index(cell["values"][first]), columns.index(cell["values"][second])] = cell["count"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.5 * len(rows)))
+    fig, ax = subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.5 * len(rows)))
     ax.imshow(np.where(grid == 0, np.nan, grid), cmap="Blues", aspect="auto", vmin=0, vmax=max(grid.max(), 1) * 1.6)
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
@@ -57,13 +54,12 @@ def intersection_figure(table: dict[str, Any]) -> bytes:
     ax.set_xlabel(second)
     ax.set_ylabel(first)
     ax.set_title(f"{first} x {second}", fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def geometry_figure(sheet: dict[str, Any]) -> bytes:
     """Histograms of the shape (top) and voxel spacing (bottom) along each axis."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(10, 4.4))
+    fig, axes = subplots(2, 3, figsize=(10, 4.4))
     for row, kind in enumerate(("shape", "spacing")):
         for axis in range(3):
             ax = axes[row, axis]
@@ -79,16 +75,15 @@ def geometry_figure(sheet: dict[str, Any]) -> bytes:
             ax.set_title(f"{kind} axis {axis}" + (" (mm)" if kind == "spacing" else " (voxels)"), fontsize=9)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def intensity_figure(sheet: dict[str, Any]) -> bytes:
     """Overlaid normalised histograms of sub-sampled voxel intensities, one line per group."""
-    plt = _pyplot()
     intensity = sheet["intensity"]
     edges = np.asarray(intensity["edges"])
     centers = (edges[:-1] + edges[1:]) / 2
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = subplots(figsize=(7, 3.4))
     for group, entry in intensity["groups"].items():
         ax.plot(centers, entry["density"], drawstyle="steps-mid", lw=1.4,
                 label=f"{group} (n={entry['num_subjects']}, std {entry['std']:.3g})")
@@ -97,15 +92,14 @@ def intensity_figure(sheet: dict[str, Any]) -> bytes:
     ax.legend(fontsize=8)
     ax.set_title(f"voxel intensities per {intensity['group_by'] or 'cohort'} (every {intensity['stride']}th voxel "
                  "per axis)", fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def quality_figure(sheet: dict[str, Any]) -> bytes:
     """Prevalence of each quality flag and share of missing values per metadata column."""
-    plt = _pyplot()
     flags = sheet["quality"]["flags"]
     missing = sheet["missing"]["per_column"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 + 0.32 * max(len(flags), len(missing), 3)))
+    fig, axes = subplots(1, 2, figsize=(10, 0.6 + 0.32 * max(len(flags), len(missing), 3)))
     axes[0].barh(list(flags), [f["fraction"] for f in flags.values()], color=RARE_COLOUR)
     axes[0].set_title("quality flags (share of subjects)", fontsize=10)
     axes[0].set_xlim(0, 1)
@@ -118,7 +112,7 @@ def quality_figure(sheet: dict[str, Any]) -> bytes:
         ax.invert_yaxis()
         ax.tick_params(labelsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def all_figures(sheet: dict[str, Any]) -> dict[str, bytes]:
@@ -183,45 +177,36 @@ def _rare_summary(sheet: dict[str, Any]) -> list[str]:
 
 
 # ---- pages -------------------------------------------------------------------------------------------------
-def _md_cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if np.isfinite(value) else "n/a"
-    return str(value).replace("|", "\\|")
-
-
 def render_markdown(sheet: dict[str, Any], figure_names: list[str]) -> str:
     rare = _rare_summary(sheet)
     lines = [f"# Datasheet: {sheet['title']}", "", f"{sheet['num_subjects']} subjects; attributes: "
              f"{', '.join(sheet['attributes']) or 'none'}.", "",
              f"**Rare categories** (below {sheet['rare_below']:.1%}): {', '.join(rare) if rare else 'none'}.", ""]
     for heading, header, rows, note in _tables(sheet):
-        lines += [f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-        lines += ["", note, ""] if note else [""]
+        lines += [f"## {heading}", "", *markdown_table(header, rows)]
+        lines += [note, ""] if note else []
     lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in figure_names] + [""]
     return "\n".join(lines)
 
 
 def render_html(sheet: dict[str, Any], figures: dict[str, bytes]) -> str:
     rare = _rare_summary(sheet)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>datasheet: {html.escape(sheet['title'])}</title>"
-             f"<style>{STYLE}</style></head><body>", f"<h1>Datasheet: {html.escape(sheet['title'])}</h1>",
+    parts = [f"<h1>Datasheet: {html.escape(sheet['title'])}</h1>",
              f"<p>{sheet['num_subjects']} subjects; attributes: "
              f"{html.escape(', '.join(sheet['attributes']) or 'none')}. "
              "Every number is in datasheet.json next to this file.</p>",
              f"<p><b>Rare categories</b> (below {sheet['rare_below']:.1%}): "
-             + (", ".join(f"<span class='flag'>{html.escape(r)}</span>" for r in rare) if rare else "none") + "</p>"]
+             + (", ".join(flag(r) for r in rare) if rare else "none") + "</p>"]
     placed = {"Counts per subgroup": ["categories"], "Intersection": ["intersection"], "Quality flags": ["quality"],
               "Shape and spacing": ["geometry"], "Voxel intensities": ["intensity"]}
     shown: set[str] = set()
     for heading, header, rows, note in _tables(sheet):
-        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, rows)]  # every cell escaped once
+        parts += [f"<h2>{html.escape(heading)}</h2>", html_table(header, rows)]  # every cell escaped once
         if note:
-            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+            parts.append(html_note(note))
         for prefix, names in placed.items():
             for name in names:
                 if heading.startswith(prefix) and name in figures and name not in shown:
-                    parts.append(_img(figures[name], name))
+                    parts.append(html_image(figures[name], name))
                     shown.add(name)
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return html_page(f"datasheet: {sheet['title']}", parts)

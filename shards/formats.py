@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 DATA_SUFFIXES = (".raw", ".zraw", ".img")  # payloads of .mhd headers: not images on their own

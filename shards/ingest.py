@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_text, read_json, write_json
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_text, read_json, write_json
 from rafmedia.shards.formats import BadInput, read_volume, source_checksum
 from rafmedia.shards.listing import Listing, SubjectSource, check_listing, list_inputs
 from rafmedia.shards.manifest import summary_row

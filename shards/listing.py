@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.formats import image_suffix, strip_suffix
 
 LABEL_SUFFIXES = ("label", "seg")  # plain folder: <name>_label.<ext>, <name>_seg.<ext>

@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry
 from rafmedia.shards.formats import BadInput, Volume, affine_spacing
 
 INTENSITY_POLICIES: Registry[IntensityPolicy] = Registry("intensity policy")
@@ -286,7 +286,7 @@ class PETSUV(IntensityPolicy):
 
     def __init__(self, weight_column: str = "weight", dose_column: str = "injected_dose", weight_unit: str = "kg",
                  dose_unit: str = "Bq"):
-        from rafmedia.engine.registry import unknown_name_error
+        from rafmedia.core.registry import unknown_name_error
 
         if weight_unit not in self.WEIGHT_TO_G:
             raise unknown_name_error("pet_suv weight_unit", weight_unit, self.WEIGHT_TO_G)

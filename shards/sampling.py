@@ -29,8 +29,8 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry
 
 SAMPLERS: Registry["PatchSampler"] = Registry("patch sampler")
 Region = tuple[slice, slice, slice]
@@ -360,7 +360,7 @@ def importance_map(patch_size: Sequence[int], mode: str = "constant", sigma_scal
     if mode == "constant":
         return torch.ones(tuple(patch_size), dtype=torch.float32)
     if mode != "gaussian":
-        from rafmedia.engine.registry import unknown_name_error
+        from rafmedia.core.registry import unknown_name_error
 
         raise unknown_name_error("aggregation mode", mode, ("constant", "gaussian"))
     weights = None

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.chunks import ChunkDecodeError, ChunkedArray
 from rafmedia.shards.sampling import ArraySubject, SubjectReader
 from rafmedia.shards.store import LABEL, SUBJECTS, CohortStore, CorruptChunkError

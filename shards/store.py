@@ -30,8 +30,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_text
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_text
 
 STORE_FORMAT = "rafmedia.cohort/1"
 SUBJECTS = "subjects"

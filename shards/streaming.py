@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.sampling import PatchSampler, SubjectReader, create_sampler
 from rafmedia.shards.sources import (StoreSubject, WebDatasetSource, WebDatasetSubject,  # noqa: F401 (importable
                                      ZarrSource, open_source)  # from here too, beside the stream that reads them)

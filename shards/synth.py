@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import write_json
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import write_json
 from rafmedia.shards.manifest import summary_row
 from rafmedia.shards.store import CohortStore, StoreConfig
 

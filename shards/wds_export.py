@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import write_json
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import write_json
 from rafmedia.shards.store import MANIFEST, CohortStore
 
 INDEX = "index.json"
@@ -37,7 +37,7 @@ class ExportConfig:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            from rafmedia.engine.registry import unknown_name_error
+            from rafmedia.core.registry import unknown_name_error
 
             raise unknown_name_error("export.mode", self.mode, MODES)
         if self.shard_size_mb <= 0 or self.patch_size < 1 or self.patches_per_subject < 1:
@@ -136,6 +136,6 @@ def shard_urls(folder: str | Path) -> list[str]:
     index = folder / INDEX
     if not index.is_file():
         raise UserError(f"{index} not found: {folder} is not a finished webdataset export")
-    from rafmedia.engine.files import read_json
+    from rafmedia.core.files import read_json
 
     return [str(folder / shard["name"]) for shard in read_json(index)["shards"]]

@@ -7,9 +7,9 @@ continuous parameter (`SEVERITY_PARAMETERS`), or takes the parameter directly.
 Every alteration, its parameter and the value at each severity: `severity_table()`, reproduced in
 docs/alterations.md (a test keeps the two equal); `raf alter preview VOLUME` shows them.
 """
-from rafmedia.shards.alterations.base import ALTERATIONS, Alteration, create_alteration, list_alterations
 from rafmedia.shards.alterations import intensity  # noqa: F401  (registers the alterations)
-from rafmedia.shards.alterations import acquisition, kspace, resolution  # noqa: F401  (registers the alterations)
-from rafmedia.shards.alterations import appearance, ct, geometry  # noqa: F401  (registers the alterations)
+from rafmedia.shards.alterations import (  # noqa: F401  (registers the alterations)  # noqa: F401  (registers the alterations)
+    acquisition, appearance, ct, geometry, kspace, resolution)
+from rafmedia.shards.alterations.base import ALTERATIONS, Alteration, create_alteration, list_alterations
 
 __all__ = ["ALTERATIONS", "Alteration", "create_alteration", "list_alterations"]

@@ -24,6 +24,7 @@ the same seed gives the same noise on CPU and CUDA.
 from __future__ import annotations
 
 import torch
+
 from rafmedia.shards.alterations.base import Alteration, register
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry
 
 ALTERATIONS: Registry["Alteration"] = Registry("alteration")
 NUM_SEVERITIES = 5

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from rafmedia.shards.alterations.base import Alteration, register
 
-
 # ---- resampling shared by the grid-based alterations -------------------------------------------------------
 
 def resample(x_BCDHW: torch.Tensor, label_BCDHW: torch.Tensor | None,

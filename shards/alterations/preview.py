@@ -10,15 +10,15 @@ cell shares the clean slice's intensity window, so contrast changes show as such
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.files import atomic_write_bytes
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write_bytes
+from rafmedia.core.render import png, subplots
 from rafmedia.shards.alterations.base import ALTERATIONS, NUM_SEVERITIES, create_alteration, list_alterations
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -98,16 +98,11 @@ def render_grid(rows: dict[str, list[np.ndarray]], title: str) -> bytes:
 
     The window is the clean slice's 0.5-99.5 percentile range widened by 15% each way.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     clean = next(iter(rows.values()))[0]
     low, high = np.percentile(clean, [0.5, 99.5])
     margin = 0.15 * (high - low) if high > low else 1.0  # room for brightened / darkened cells before they clip
     low, high = low - margin, high + margin
-    figure, axes = plt.subplots(len(rows), NUM_SEVERITIES + 1, figsize=(2.0 * (NUM_SEVERITIES + 1), 2.1 * len(rows)),
+    figure, axes = subplots(len(rows), NUM_SEVERITIES + 1, figsize=(2.0 * (NUM_SEVERITIES + 1), 2.1 * len(rows)),
                                 squeeze=False)
     for row, (name, cells) in enumerate(rows.items()):
         parameters = ALTERATIONS.get(name).severity_parameters
@@ -120,10 +115,7 @@ def render_grid(rows: dict[str, list[np.ndarray]], title: str) -> bytes:
         axes[row, 0].set_ylabel(name, fontsize=9)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.97))  # leave room for the title
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure, dpi=80, tight=False)
 
 
 def write_preview(source: str, out: str | Path, *, alterations: list[str] | None = None, seed: int = 0,

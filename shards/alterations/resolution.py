@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from rafmedia.shards.alterations.base import Alteration, register
 
 SLICE_DIM = 2  # D: the through-plane axis of a (B, C, D, H, W) volume

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from rafmedia.engine.batches import view_batches
 from rafmedia.engine.distributed import place_from_environment
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task
 from rafmedia.engine.train import TrainConfig, train
-from rafmedia.shards.stream import view_batches
 
 BATCH_PER_RANK = 4
 

@@ -29,9 +29,9 @@ def test_bias_field_on_cuda_has_the_requested_strength():
 @pytest.mark.parametrize("wrapper", ["plain", "deepspeed"])
 def test_bf16_pretraining_on_cuda_learns(wrapper, tmp_path):
     """The rotation task on CUDA in bf16 (autocast, or DeepSpeed's bf16 engine with ZeRO-2) lowers its loss."""
+    from rafmedia.engine.batches import view_batches
     from rafmedia.engine.tasks import create_task
     from rafmedia.engine.train import TrainConfig, train
-    from rafmedia.shards.stream import view_batches
 
     torch.manual_seed(0)
     task = create_task("rotation", encoder=create_encoder("cnn3d_small", width=8), crop_size=24)

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("nvidia.dali", reason="the DALI view tests need the dali extra (pip install -e '.[dali]')")
 
+from rafmedia.core.errors import UserError  # noqa: E402
 from rafmedia.engine import views as torch_views  # noqa: E402
-from rafmedia.engine.dali_views import (  # noqa: E402
-    DaliViews, ViewParameters, draw_blur_sigmas, draw_flips, draw_jitter, stream_views)
-from rafmedia.engine.errors import UserError  # noqa: E402
+from rafmedia.engine.dali_views import (DaliViews, ViewParameters, draw_blur_sigmas, draw_flips,  # noqa: E402
+                                        draw_jitter, stream_views)
 
 # Every augmentation off: each test turns on the one it checks.
 PLAIN = dict(crop_size=12, max_shift=3, flip_probability=0.0, intensity_scale=0.0, intensity_shift=0.0, noise_std=0.0)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder, list_encoders
-from rafmedia.engine.errors import UserError
 
 
 @pytest.mark.parametrize("name", list_encoders())  # vit_base_3d too: 88M parameters, about 8 s here
@@ -36,7 +36,7 @@ def test_unknown_norm_is_a_user_error():
 
 @pytest.mark.parametrize("name, options", [("cnn3d_small", {"width": 4}), ("resnet10_3d", {}), ("swin_3d", {})])
 def test_a_feature_pyramid_ends_with_forward_features_and_the_dense_head_input_concatenates_its_levels(name, options):
-    from rafmedia.evaluate.seg_head import dense_features
+    from rafmedia.evaluate.segmentation_head import dense_features
 
     torch.manual_seed(0)
     encoder = create_encoder(name, **options).eval()

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.encoders_transformers import VIT_SIZES
-from rafmedia.engine.errors import UserError
+from rafmedia.engine.encoders.transformers import VIT_SIZES
 from rafmedia.engine.export import export_encoder, load_encoder
 from rafmedia.engine.torchvision_compat import import_timm
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from rafmedia.engine.batches import DataConfig
 from rafmedia.engine.encoders import EncoderConfig
 from rafmedia.engine.export import load_encoder
 from rafmedia.engine.pretrain import load_task_inputs, pretrain_encoder
 from rafmedia.engine.tasks import TaskConfig
 from rafmedia.engine.train import TrainConfig
 from rafmedia.shards.store import CohortStore, StoreConfig
-from rafmedia.shards.stream import DataConfig
 from rafmedia.shards.synth import generate_cohort
 from tests.conftest import small_cohort_config
 
@@ -56,7 +56,7 @@ def test_paired_contrastive_pretrains_from_both_sources(paired_store, source, tm
 
 
 def test_shape_prior_pretrains_on_label_maps_and_exports_the_whole_autoencoder(paired_store, tmp_path):
-    from rafmedia.engine.tasks_shape import load_shape_prior
+    from rafmedia.engine.tasks.shape import load_shape_prior
 
     classes = int(max(np.asarray(paired_store.read_label(s)).max() for s in paired_store.subject_ids())) + 1
     pretrain_encoder(data=DataConfig(cohort=str(paired_store.path)),

@@ -1,7 +1,7 @@
 import pytest
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry, did_you_mean
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry, did_you_mean
 
 
 def test_did_you_mean_finds_the_closest_name():
@@ -27,7 +27,7 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
     import os
     import stat
 
-    from rafmedia.engine.files import atomic_write, atomic_write_text
+    from rafmedia.core.files import atomic_write, atomic_write_text
 
     target = atomic_write_text(tmp_path / "a.txt", "first")
     atomic_write_text(target, "second")

@@ -4,12 +4,10 @@ import pickle
 import pytest
 import torch
 
-from tests.engine.helpers import losses_of, train_briefly
-
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task, list_tasks
-from rafmedia.engine.tasks_cpc import CausalContext, PatchGridViews, cpc_info_nce, patch_grid, triplet_loss
-
+from rafmedia.engine.tasks.cpc import CausalContext, PatchGridViews, cpc_info_nce, patch_grid, triplet_loss
+from tests.engine.helpers import losses_of, train_briefly
 
 
 def test_both_tasks_are_registered_and_their_views_pickle():
@@ -103,7 +101,7 @@ def _train(task, volumes, batch_size: int, steps: int) -> list[float]:
 
 
 def test_cpc_loss_decreases_on_the_synthetic_cohort(small_cohort):
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store, _ = small_cohort
     volumes = load_volumes(store, store.subject_ids(), progress=False)
@@ -116,7 +114,7 @@ def test_cpc_loss_decreases_on_the_synthetic_cohort(small_cohort):
 
 
 def test_exemplar_loss_decreases_on_the_synthetic_cohort(small_cohort):
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store, _ = small_cohort
     volumes = load_volumes(store, store.subject_ids(), progress=False)

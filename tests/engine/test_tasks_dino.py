@@ -4,12 +4,11 @@ import pickle
 import pytest
 import torch
 
-from tests.engine.helpers import train_briefly
-
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.tasks import check_compatible, create_task, list_tasks
-from rafmedia.engine.tasks_dino import MultiCropViews, cosine_momentum, dino_cross_entropy, teacher_temperature
+from rafmedia.engine.tasks.dino import MultiCropViews, cosine_momentum, dino_cross_entropy, teacher_temperature
+from tests.engine.helpers import train_briefly
 
 QUIET = dict(intensity_scale=0.0, intensity_shift=0.0, noise_std=0.0)
 
@@ -158,7 +157,7 @@ def test_the_teacher_gets_no_gradients_and_is_checkpointed_but_not_optimized():
 
 
 def test_dino_learns_on_the_synthetic_cohort_without_collapsing(small_cohort):
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store, _ = small_cohort
     volumes = load_volumes(store, store.subject_ids(), progress=False)

@@ -3,12 +3,11 @@ import pickle
 import pytest
 import torch
 
-from tests.engine.helpers import losses_of, train_briefly
-
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.tasks import check_compatible, create_task, list_tasks
-from rafmedia.engine.tasks_mae import MaskedCropViews, masked_patch_loss, patchify, unpatchify
+from rafmedia.engine.tasks.mae import MaskedCropViews, masked_patch_loss, patchify, unpatchify
+from tests.engine.helpers import losses_of, train_briefly
 
 TINY_VIT = dict(img_size=16, patch_size=8, hidden_size=48, num_layers=2, num_heads=3)
 
@@ -131,7 +130,7 @@ def test_crop_size_must_equal_the_encoder_img_size():
 
 
 def test_mae_loss_decreases_on_the_synthetic_cohort(small_cohort):
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store, _ = small_cohort
     volumes = load_volumes(store, store.subject_ids(), progress=False)

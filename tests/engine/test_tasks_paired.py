@@ -4,13 +4,13 @@ import pickle
 import pytest
 import torch
 
-from tests.engine.helpers import losses_of, train_briefly
-
-import rafmedia.engine.tasks_paired  # noqa: F401  (registers contrastive_paired)
+import rafmedia.engine.tasks.paired  # noqa: F401  (registers contrastive_paired)
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.tasks import TwoCropContrastive, create_task, list_tasks, task_data_kind
-from rafmedia.engine.tasks_paired import PairedViews
+from rafmedia.engine.tasks import create_task, list_tasks, task_data_kind
+from rafmedia.engine.tasks.contrastive import TwoCropContrastive
+from rafmedia.engine.tasks.paired import PairedViews
+from tests.engine.helpers import losses_of, train_briefly
 
 SHAPE = (20, 22, 24)
 
@@ -89,8 +89,8 @@ def test_a_single_channel_input_is_a_user_error_naming_data_channels():
 
 def test_paired_loss_decreases_on_a_synthetic_two_acquisition_cohort(tmp_path):
     from rafmedia.shards.store import StoreConfig
-    from rafmedia.shards.stream import load_volumes
     from rafmedia.shards.synth import generate_cohort
+    from rafmedia.shards.volumes import load_volumes
     from tests.conftest import small_cohort_config
 
     config = small_cohort_config(num_subjects=16, shape=[32, 32, 32], paired_channel="exhale")

@@ -4,16 +4,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
-from tests.engine.helpers import losses_of, train_briefly
 import torch.nn.functional as F
 
-import rafmedia.engine.tasks_shape  # noqa: F401  (registers shape_prior_dae)
+import rafmedia.engine.tasks.shape  # noqa: F401  (registers shape_prior_dae)
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.tasks import create_task, list_tasks, task_data_kind
-from rafmedia.engine.tasks_shape import (SHAPE_PRIOR_FILE, LabelCorruptionViews, foreground_dice, load_shape_prior,
+from rafmedia.engine.tasks.shape import (SHAPE_PRIOR_FILE, LabelCorruptionViews, foreground_dice, load_shape_prior,
                                          soft_dice_loss)
+from tests.engine.helpers import losses_of, train_briefly
 
 NUM_CLASSES = 6  # the synthetic cohort: background, body, heart, liver, kidney, lesion
 

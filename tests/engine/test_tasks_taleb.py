@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine.helpers import losses_of, train_briefly
-
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task, list_tasks
-from rafmedia.engine.tasks_taleb import (NEIGHBOUR_OFFSETS, JigsawViews, RelativePatchViews, hamming_permutation_set,
+from rafmedia.engine.tasks.taleb import (NEIGHBOUR_OFFSETS, JigsawViews, RelativePatchViews, hamming_permutation_set,
                                          minimum_hamming_distance)
+from tests.engine.helpers import losses_of, train_briefly
 
 SIDE = 32
 
@@ -138,7 +137,7 @@ def _train(task, volumes, steps, batch_size):
 
 @pytest.fixture(scope="module")
 def cohort_volumes(small_cohort):
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store, _ = small_cohort
     return load_volumes(store, store.subject_ids(), progress=False)

@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder, load_encoder
 from rafmedia.engine.tasks import create_task
 from rafmedia.engine.train import TrainConfig, train, warmup_cosine
 
 
 def _task_and_batches(volumes, seed=0):
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     torch.manual_seed(seed)
     task = create_task("contrastive_two_crop", encoder=create_encoder("cnn3d_small", width=8), crop_size=16, max_shift=4)
@@ -110,7 +110,7 @@ def _rotation_task(seed=0):
 
 
 def test_gradient_accumulation_equals_one_batch_of_the_combined_size(volumes, tmp_path):
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     task = _rotation_task()
     halves = view_batches(volumes, task.views, batch_size=3, seed=0)
@@ -131,7 +131,7 @@ def test_gradient_accumulation_equals_one_batch_of_the_combined_size(volumes, tm
 
 
 def test_ema_follows_the_hand_computed_average_of_the_weights_after_each_step(volumes, tmp_path):
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     task = _rotation_task()
     seen = []
@@ -164,7 +164,7 @@ def test_tensorboard_holds_the_same_scalars_as_metrics_jsonl(volumes, tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu_close_to_fp32(volumes, tmp_path):
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -205,7 +205,7 @@ def test_a_half_set_launcher_environment_names_what_is_missing():
 
 
 def test_deepspeed_in_one_process_follows_the_plain_pytorch_losses(volumes, tmp_path):
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     runs = {}
     for wrapper in ("plain", "deepspeed"):
@@ -225,7 +225,7 @@ def test_one_process_deepspeed_leaves_the_process_as_it_found_it(volumes, tmp_pa
     launcher (mpirun, a stream reading torchrun's variables) never sees a half-set environment."""
     import torch.distributed as dist
 
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -241,7 +241,7 @@ def test_one_process_deepspeed_leaves_the_process_as_it_found_it(volumes, tmp_pa
 
 
 def test_profiling_writes_a_trace_of_the_requested_steps_only(volumes, tmp_path):
-    from rafmedia.shards.stream import view_batches
+    from rafmedia.engine.batches import view_batches
 
     task = _rotation_task()
     train(task, view_batches(volumes, task.views, batch_size=2, seed=0), progress=False, out_dir=tmp_path,

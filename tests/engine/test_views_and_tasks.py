@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from tests.engine.helpers import losses_of, train_briefly
-
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.tasks import create_task, info_nce
+from rafmedia.engine.tasks import create_task
+from rafmedia.engine.tasks.contrastive import info_nce
 from rafmedia.engine.views import TwoCropViews, crop, random_crop_starts
+from tests.engine.helpers import losses_of, train_briefly
 
 
 def test_info_nce_matches_hand_computation():
@@ -47,7 +47,7 @@ def test_crop_extracts_the_requested_block():
 
 
 def test_contrastive_loss_decreases_on_the_synthetic_cohort(small_cohort):
-    from rafmedia.shards.stream import load_volumes
+    from rafmedia.shards.volumes import load_volumes
 
     store, _ = small_cohort
     volumes = load_volumes(store, store.subject_ids(), progress=False)

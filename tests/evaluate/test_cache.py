@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.cache import STAGING, STALE_STAGING_S, CacheKey, EmbeddingCache, cached_embeddings
 
 DIGEST = "0f27b7ede1567fd2"

@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.evaluate.embed import extract_embeddings, extract_embeddings_distributed, extract_patch_embeddings
 from rafmedia.shards.alterations import create_alteration
-from rafmedia.shards.stream import normalize_intensity
+from rafmedia.shards.volumes import normalize_intensity
 
 NUM_SUBJECTS = 7  # odd, so the two ranks get unequal shares
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder
 from rafmedia.engine.torchvision_compat import import_timm
-from rafmedia.evaluate.encoders import list_encoder_sources, load_any_encoder
+from rafmedia.evaluate.encoder_sources import list_encoder_sources, load_any_encoder
 
 RESNET = {"spatial_dims": 3, "n_input_channels": 1, "feed_forward": False}
 SMALL_RESNET = {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [4, 8, 16, 32], **RESNET}

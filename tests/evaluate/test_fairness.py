@@ -4,12 +4,11 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
-from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equalized_odds_difference,
-                               true_positive_rate)
+from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference, true_positive_rate
 from scipy import stats
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate import fairness
 
 

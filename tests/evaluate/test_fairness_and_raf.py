@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate import raf
 from rafmedia.evaluate.fairness import group_labels
 from rafmedia.evaluate.runner import EvaluateConfig, ProbeFit, fairness_results

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.latent import frechet_matrix, knn_ood_score, latent_results, site_silhouette
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from scipy import stats
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder
-from rafmedia.evaluate.pixel import SegmentationConfig
 from rafmedia.evaluate.runner import EvaluateConfig, run_evaluation
+from rafmedia.evaluate.segmentation import SegmentationConfig
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_a_cell_rerun_with_the_embedding_cache_embeds_nothing_and_gives_the_same
 
 
 def test_without_alterations_the_index_is_the_mean_of_p_and_f_and_the_report_renders(small_cohort, tmp_path):
-    from rafmedia.engine.files import write_json
+    from rafmedia.core.files import write_json
     from rafmedia.evaluate.report import render_report
 
     store, _ = small_cohort

@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-import rafmedia.engine.tasks_shape  # noqa: F401  (registers shape_prior_dae)
+import rafmedia.engine.tasks.shape  # noqa: F401  (registers shape_prior_dae)
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.tasks import create_task
 from rafmedia.evaluate.plausibility import (error_threshold, plausibility_by_group, shape_prior_error, topology,
                                             topology_norms, topology_plausible, topology_violations)

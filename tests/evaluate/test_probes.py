@@ -6,7 +6,7 @@ from sklearn.metrics import cohen_kappa_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.metrics import compute_auroc
 from rafmedia.evaluate.probes import (PROBES, create_probe, few_shot_indices, list_probes, quadratic_weighted_kappa,
                                       spearman)

@@ -6,12 +6,12 @@ import torch
 from scipy import stats
 from scipy.spatial.distance import cdist
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.rca import (aggregate_reference_dice, corrupt_label_map, create_reverse_classifier,
                                    dice_per_structure, estimate_dice, estimate_dice_by_neighbours, estimated_gap,
                                    list_reverse_classifiers, nearest_references)
-from rafmedia.shards.stream import load_volumes
 from rafmedia.shards.synth import LABELS
+from rafmedia.shards.volumes import load_volumes
 
 ORGANS = {name: LABELS[name] for name in ("heart", "liver", "kidney")}
 NUM_REFERENCES, NUM_TEST = 6, 18

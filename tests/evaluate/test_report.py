@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rafmedia.engine.files import write_json
+from rafmedia.core.files import write_json
 from rafmedia.evaluate import figures
 from rafmedia.evaluate.fairness import segmentation_fairness
 from rafmedia.evaluate.latent import knn_ood_score

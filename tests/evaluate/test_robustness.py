@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.robustness import corruption_summary, mean_corruption_error, severity_weighted_degradation
 
 SEVERITIES = [1, 2, 3, 4, 5]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import export_encoder
 from rafmedia.evaluate.runner import EvaluateConfig, binary_labels, build_entries
 

@@ -7,12 +7,12 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
-from rafmedia.evaluate.seg_head import SegmentationHead, fit_segmentation_head, predict_masks
-from rafmedia.evaluate.segmentation import aggregate_structures, segmentation_metrics
-from rafmedia.shards.stream import load_volumes
+from rafmedia.evaluate.segmentation_head import SegmentationHead, fit_segmentation_head, predict_masks
+from rafmedia.evaluate.segmentation_metrics import aggregate_structures, segmentation_metrics
 from rafmedia.shards.synth import LABELS as SYNTH_LABELS
+from rafmedia.shards.volumes import load_volumes
 
 LABELS = {"organ": 1, "tumour": 2}
 
@@ -170,7 +170,7 @@ def test_user_errors_name_the_bad_value():
         aggregate_structures([{"a": {}}, {"b": {}}])
 
 
-# ------------------------------------------------------------------ the segmentation head (evaluate/seg_head.py)
+# ------------------------------------------------------------------ the segmentation head (evaluate/segmentation_head.py)
 NUM_CLASSES = 6
 
 

@@ -1,7 +1,7 @@
 """Typed config: defaults <- YAML <- overrides; errors name the dotted key."""
 import pytest
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.launch.config import load_config, packaged_configs, parse_override
 
 

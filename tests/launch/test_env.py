@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.launch.env import first_host, port_for_job, resolve_environment
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "GROUP_RANK": "1", "MASTER_ADDR": "node07",

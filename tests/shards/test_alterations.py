@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.alterations import create_alteration, list_alterations
 
 

@@ -7,15 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from rafmedia.shards.alterations import create_alteration
-from rafmedia.shards.alterations.kspace import (
-    draw_ghost_counts,
-    draw_motion,
-    draw_spikes,
-    gibbs_mask,
-)
-from rafmedia.shards.alterations.resolution import draw_blur_sigmas, separable_blur
 from scipy import ndimage, stats
+
+from rafmedia.shards.alterations import create_alteration
+from rafmedia.shards.alterations.kspace import draw_ghost_counts, draw_motion, draw_spikes, gibbs_mask
+from rafmedia.shards.alterations.resolution import draw_blur_sigmas, separable_blur
 
 NOISE = ["rician_noise", "poisson_noise"]
 KSPACE = ["gibbs_ringing", "kspace_spike", "motion", "ghosting"]

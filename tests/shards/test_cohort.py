@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.launch.cli import main
 from rafmedia.shards.cohort import build_cohort
 from rafmedia.shards.cohort_reader import CohortSplit, read_rows_csv

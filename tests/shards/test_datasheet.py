@@ -10,7 +10,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.launch.cli import main
 from rafmedia.shards.datasheet import DatasheetConfig, compute_datasheet, load_manifest, write_datasheet
 from rafmedia.shards.manifest import QUALITY_FLAGS, summary_row

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.formats import BadInput, read_volume, source_checksum
 from rafmedia.shards.ingest import IngestConfig, ingest
 from rafmedia.shards.store import CohortStore, StoreConfig

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.launch.cli import main
 from rafmedia.shards.formats import BadInput
 from rafmedia.shards.ingest import REPORT_JSON, IngestConfig, consolidate, ingest, resolve_task
 from rafmedia.shards.listing import list_inputs
-from rafmedia.shards.preprocess import (SubjectVolumes, create_intensity_policy, crop_foreground, policy_entry)
+from rafmedia.shards.preprocess import SubjectVolumes, create_intensity_policy, crop_foreground, policy_entry
 from rafmedia.shards.store import CohortStore, StoreConfig
 from tests.shards.test_formats import write_dicom_series, write_nifti
 

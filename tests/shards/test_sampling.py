@@ -6,17 +6,11 @@ import pytest
 import torch
 from scipy import stats
 
-from rafmedia.engine.errors import UserError
-from rafmedia.shards.sampling import (
-    ArraySubject,
-    GridAggregator,
-    create_sampler,
-    grid_origins,
-    list_samplers,
-    region_at,
-)
-from rafmedia.shards.store import CohortStore, StoreConfig
+from rafmedia.core.errors import UserError
+from rafmedia.shards.sampling import (ArraySubject, GridAggregator, create_sampler, grid_origins, list_samplers,
+                                      region_at)
 from rafmedia.shards.sources import StoreSubject
+from rafmedia.shards.store import CohortStore, StoreConfig
 
 
 def _plans(sampler, reader, count, seed=0):

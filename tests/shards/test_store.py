@@ -6,7 +6,7 @@ import pytest
 import zarr
 from zarr.storage import LocalStore, LoggingStore
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.store import CohortStore, StoreConfig
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rafmedia.engine.errors import UserError
-from rafmedia.shards.sampling import create_sampler
-from rafmedia.shards.store import CohortStore, CorruptChunkError, StoreConfig
+from rafmedia.core.errors import UserError
 from rafmedia.shards.chunks import ChunkedArray
+from rafmedia.shards.sampling import create_sampler
 from rafmedia.shards.sources import StoreSubject, WebDatasetSource, ZarrSource
+from rafmedia.shards.store import CohortStore, CorruptChunkError, StoreConfig
 from rafmedia.shards.streaming import (PatchStream, ShuffleKeys, SplitByNode, SplitByWorker, StreamConfig, StreamLoader,
                                        build_stream_loader, worker_offsets)
 from rafmedia.shards.wds_export import ExportConfig, export_webdataset

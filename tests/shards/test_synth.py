@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.store import CohortStore, StoreConfig
 from rafmedia.shards.synth import (CohortConfig, assign_subjects, exact_counts, generate_cohort,
                                    severity_from_enlargement)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.shards.wds_export import ExportConfig, export_webdataset, shard_urls
 
 

@@ -1,46 +1,12 @@
-"""3D encoders behind one registry and one small contract.
-
-Every encoder is an `nn.Module` with:
-- `embed_dim`: the size of the pooled embedding;
-- `forward_features(x_BCDHW)`: the last feature map, (B, F, d, h, w);
-- `forward(x_BCDHW)`: the pooled embedding, (B, embed_dim).
-
-Build one with `create_encoder(name, **options)`; list them with `list_encoders()`. The trainer and the
-evaluator only use the contract, never the name.
-"""
+"""Convolutional 3D encoders: a small CNN for quick CPU runs and MONAI's 3D ResNets as trunks."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
+from monai.networks import nets
 from torch import nn
 
-from rafmedia.engine.registry import Registry, unknown_name_error
-
-ENCODERS: Registry[nn.Module] = Registry("encoder")
-
-
-def create_encoder(name: str, **options) -> nn.Module:
-    """Builds a registered encoder, e.g. `create_encoder("cnn3d_small", width=16)`."""
-    return ENCODERS.create(name, **options)
-
-
-def list_encoders() -> list[str]:
-    return ENCODERS.names()
-
-
-class PooledEncoder(nn.Module):
-    """Adds global average pooling on top of `forward_features` (the contract's `forward`)."""
-
-    embed_dim: int
-
-    def forward_features(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x_BCDHW: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x_BCDHW).mean(dim=(2, 3, 4))
-
+from rafmedia.core.registry import unknown_name_error
+from rafmedia.engine.encoders.base import ENCODERS, PooledEncoder
 
 NORMS = {
     "batch": nn.BatchNorm3d,
@@ -95,8 +61,6 @@ class MonaiResNet3d(PooledEncoder):
 
     def __init__(self, depth: int = 10, in_channels: int = 1, widen_factor: float = 1.0):
         super().__init__()
-        from monai.networks import nets
-
         factory = getattr(nets, f"resnet{depth}")
         self.trunk = factory(spatial_dims=3, n_input_channels=in_channels, feed_forward=False,
                              widen_factor=widen_factor, conv1_t_size=3, conv1_t_stride=1, shortcut_type="A")
@@ -129,14 +93,3 @@ def resnet10_3d(in_channels: int = 1, widen_factor: float = 1.0) -> nn.Module:
 @ENCODERS.register("resnet18_3d", family="cnn")
 def resnet18_3d(in_channels: int = 1, widen_factor: float = 1.0) -> nn.Module:
     return MonaiResNet3d(depth=18, in_channels=in_channels, widen_factor=widen_factor)
-
-
-@dataclass
-class EncoderConfig:
-    """Which registered encoder to build, and its options (passed to its factory)."""
-
-    name: str = "cnn3d_small"
-    options: dict[str, Any] = field(default_factory=lambda: {"width": 16})
-
-
-from rafmedia.engine import encoders_transformers  # noqa: E402,F401  (registers its encoders)

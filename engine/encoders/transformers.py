@@ -1,6 +1,6 @@
 """Transformer and 2D-backbone encoders: MONAI's 3D ViT, the Swin encoder of SwinUNETR, timm 2D per slice.
 
-All three follow the `PooledEncoder` contract of `engine/encoders.py` (`embed_dim`, `forward_features` giving
+All three follow the `PooledEncoder` contract of `rafmedia.engine.encoders.base` (`embed_dim`, `forward_features` giving
 (B, F, d, h, w), `forward` giving (B, embed_dim)), so the trainer and the evaluator never see which one runs.
 
 - `vit_3d` wraps `monai.networks.nets.ViT` in a submodule named `vit`, so its weights keep MONAI's own keys
@@ -27,9 +27,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rafmedia.engine.encoders import ENCODERS, PooledEncoder
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import did_you_mean, unknown_name_error
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import did_you_mean, unknown_name_error
+from rafmedia.engine.encoders.base import ENCODERS, PooledEncoder
 
 VIT_SIZES = {  # name: (hidden_size, num_layers, num_heads), as timm's ViT-Ti/S/B
     "tiny": (192, 12, 3),

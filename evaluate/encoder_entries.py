@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import load_encoder
 from rafmedia.evaluate.results import digest
 
@@ -33,7 +33,7 @@ class EncoderEntry:
 
 def parse_encoder(item: str) -> tuple[str, str | None]:
     """`SPEC` or `SPEC=WEIGHTS`: an export (`run/encoder.safetensors`), or `timm:NAME=w.safetensors`,
-    `monai:NAME=w.pt`, `package.module:factory=w.safetensors` (`rafmedia.evaluate.encoders`)."""
+    `monai:NAME=w.pt`, `package.module:factory=w.safetensors` (`rafmedia.evaluate.encoder_sources`)."""
     spec, _, weights = item.partition("=")
     return spec, weights or None
 
@@ -42,7 +42,7 @@ def build_entries(config: EvaluateConfig) -> list[EncoderEntry]:
     """One entry per encoder (named by its card, else by its spec and weights file; by card and file when names
     clash), plus the random baseline: the first export's architecture re-initialised per seed, or, with no export,
     the first encoder's factory without weights."""
-    from rafmedia.evaluate.encoders import load_any_encoder
+    from rafmedia.evaluate.encoder_sources import load_any_encoder
 
     if len(set(config.encoders)) != len(config.encoders):
         raise UserError(f"an encoder is given twice: {config.encoders}")
@@ -76,7 +76,7 @@ def random_baseline(loaded: list[tuple], config: EvaluateConfig) -> EncoderEntry
         return EncoderEntry(name=f"random-init {card['architecture']}", source="random initialisation",
                             replicates=replicates, digest=digest("random-init", card["architecture"],
                                                                  card.get("options", {}), config.seeds))
-    from rafmedia.evaluate.encoders import load_any_encoder
+    from rafmedia.evaluate.encoder_sources import load_any_encoder
 
     spec, _ = parse_encoder(loaded[0][0])
     model, info = load_any_encoder(spec, options=config.encoder_options.get(spec))  # one fixed initialisation

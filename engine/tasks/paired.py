@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.tasks import TASKS, TwoCropContrastive
+from rafmedia.core.errors import UserError
+from rafmedia.engine.tasks.base import TASKS
+from rafmedia.engine.tasks.contrastive import TwoCropContrastive
 from rafmedia.engine.views import (crop, flip_samples, gaussian_blur, gaussian_noise, intensity_jitter,
                                    random_crop_starts, random_gamma)
 

@@ -9,7 +9,7 @@ import difflib
 import inspect
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.engine.tasks import TASKS
+from rafmedia.engine.tasks.base import TASKS
 from rafmedia.engine.views import TwoCropViews, gaussian_noise, intensity_jitter, random_crop_starts
 
 

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rafmedia.core.errors import UserError
+from rafmedia.core.files import atomic_write, read_json, write_json
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.errors import UserError
 from rafmedia.engine.export import card_path
-from rafmedia.engine.files import atomic_write, read_json, write_json
-from rafmedia.engine.tasks import TASKS
+from rafmedia.engine.tasks.base import TASKS
 from rafmedia.engine.views import crop, random_crop_starts
 
 SHAPE_PRIOR_FILE = "shape_prior.safetensors"

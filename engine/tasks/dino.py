@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.tasks import TASKS
+from rafmedia.core.errors import UserError
+from rafmedia.engine.tasks.base import TASKS
 from rafmedia.engine.views import flip_samples, gaussian_noise, intensity_jitter
 
 Size3 = tuple[int, int, int]

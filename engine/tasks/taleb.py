@@ -1,6 +1,7 @@
-"""Two of the five 3D pretext tasks of Taleb et al. (NeurIPS 2020): relative patch location and 3D jigsaw.
+"""Three of the five 3D pretext tasks of Taleb et al. (NeurIPS 2020): relative patch location, 3D jigsaw and
+rotation prediction.
 
-Both follow the contract of `engine/tasks.py`: a task is an `nn.Module` owning its head and loss, declaring
+Each follows the contract of `rafmedia.engine.tasks.base`: a task is an `nn.Module` owning its head and loss, declaring
 its view maker in `task.views`, returning `{"loss", "accuracy"}`. The view makers are picklable dataclasses
 `(volumes_BCDHW, generator) -> dict`, every random draw taken from the generator, so a batch is a pure
 function of (volumes, seed).
@@ -9,6 +10,7 @@ function of (volumes, seed).
   separated by `gap` voxels; the centre patch and one of its 26 neighbours (moved by a random jitter, so the
   network cannot match borders) are embedded by the encoder; a head on both embeddings classifies which
   neighbour it was.
+- Rotation prediction: one crop rotated by one of 10 rotations (`views.ROTATIONS_3D`); the head classifies which.
 - 3D jigsaw (Noroozi & Favaro 2016, in 3D): a cube cut into `grid^3` cells, each cell cropped smaller at a
   random offset (again against border matching), the cells shuffled by one permutation from a fixed set chosen
   greedily for large Hamming distance; the encoder embeds each cell, a head on the concatenated embeddings
@@ -27,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.engine.tasks import TASKS
-from rafmedia.engine.views import crop, gaussian_noise, intensity_jitter
+from rafmedia.core.registry import unknown_name_error
+from rafmedia.engine.tasks.base import HEAD_NORMS, TASKS
+from rafmedia.engine.views import ROTATIONS_3D, RotationViews, crop, gaussian_noise, intensity_jitter
 
 # The 26 neighbour offsets in units of grid cells, in raster order; the label is the index in this tuple.
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(
@@ -40,7 +43,7 @@ def _augment(x_BCDHW: torch.Tensor, generator: torch.Generator, scale: float, sh
 
 
 def _classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Sequential:
-    # BatchNorm in the head: see TwoCropContrastive in engine/tasks.py (it made the small CNN learn at all).
+    # BatchNorm in the head: see TwoCropContrastive in engine/tasks/contrastive.py (it made the small CNN learn at all).
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, num_classes))
 
@@ -232,3 +235,29 @@ def jigsaw_3d(encoder: nn.Module, grid: int = 2, cell_size: int = 12, jitter: in
     views = JigsawViews(permutations=permutations, grid=grid, cell_size=cell_size, jitter=jitter,
                         intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std)
     return Jigsaw3d(encoder, views, hidden_dim=hidden_dim)
+
+
+class RotationPrediction(nn.Module):
+    """3D rotation prediction (Taleb et al., NeurIPS 2020): classify which of 10 rotations a crop went through."""
+
+    def __init__(self, encoder: nn.Module, views: RotationViews, hidden_dim: int = 256, head_norm: str = "batch"):
+        super().__init__()
+        self.encoder = encoder
+        self.views = views
+        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), HEAD_NORMS[head_norm](hidden_dim),
+                                  nn.ReLU(inplace=True), nn.Linear(hidden_dim, len(ROTATIONS_3D)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.head(self.encoder(batch["view"]))
+        loss = F.cross_entropy(logits, batch["rotation"])
+        return {"loss": loss, "accuracy": (logits.argmax(dim=1) == batch["rotation"]).float().mean().detach()}
+
+
+@TASKS.register("rotation")
+def rotation(encoder: nn.Module, crop_size: int = 40, hidden_dim: int = 256, intensity_scale: float = 0.2,
+             intensity_shift: float = 0.2, noise_std: float = 0.2, head_norm: str = "batch") -> nn.Module:
+    if head_norm not in HEAD_NORMS:
+        raise unknown_name_error("head norm", head_norm, HEAD_NORMS)
+    views = RotationViews(crop_size=crop_size, intensity_scale=intensity_scale, intensity_shift=intensity_shift,
+                          noise_std=noise_std)
+    return RotationPrediction(encoder, views, hidden_dim=hidden_dim, head_norm=head_norm)

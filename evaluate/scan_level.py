@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rafmedia.engine.errors import UserError
+from rafmedia.core.errors import UserError
 from rafmedia.evaluate.metrics import compute_auroc
 from rafmedia.evaluate.probes import create_probe, few_shot_indices, quadratic_weighted_kappa, spearman
 

@@ -1,7 +1,7 @@
 """Load any encoder to evaluate: our checkpoints, timm 2D models, MONAI networks or any PyTorch factory.
 
 `load_any_encoder(spec, weights=..., options=...)` returns `(module, info)`; the module honours the encoder
-contract of `engine/encoders.py` (`forward(x_BCDHW) -> (B, embed_dim)`, an int `embed_dim`). Specs:
+contract of `rafmedia.engine.encoders.base` (`forward(x_BCDHW) -> (B, embed_dim)`, an int `embed_dim`). Specs:
 
 - `path/encoder.safetensors` (or `rafmedia:path`): an exported encoder with its `.card.json` (`load_encoder`);
 - `timm:NAME` + weights: a timm 2D model (`timm.create_model(NAME, pretrained=False, num_classes=0, in_chans=...)`)
@@ -37,8 +37,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.registry import Registry, did_you_mean, unknown_name_error
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry, did_you_mean, unknown_name_error
 
 LOADER_OPTIONS = ("input_shape", "output_index", "feature_pool", "state_dict_key")
 FEATURE_POOLS = ("mean", "max")
@@ -143,7 +143,7 @@ def create_rafmedia_source(target: str, *, options: dict) -> BuiltEncoder:
 @ENCODER_SOURCES.register("timm")
 def create_timm_source(target: str, *, options: dict) -> BuiltEncoder:
     """A timm 2D model applied to every slice through the project's `timm2d_slices` adapter (`Timm2dSlices`)."""
-    from rafmedia.engine.encoders_transformers import Timm2dSlices
+    from rafmedia.engine.encoders.transformers import Timm2dSlices
 
     options = dict(options)
     if "in_chans" in options:  # timm's name for it; the adapter multiplies it by 2 * neighbours + 1 itself

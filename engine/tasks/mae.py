@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rafmedia.engine.errors import UserError
-from rafmedia.engine.tasks import TASKS
+from rafmedia.core.errors import UserError
+from rafmedia.engine.tasks.base import TASKS
 from rafmedia.engine.views import flip_samples
 
 Size3 = tuple[int, int, int]
@@ -190,7 +190,7 @@ def mae_3d(encoder: nn.Module, mask_ratio: float = 0.75, crop_size: int | Sequen
            norm_pix_loss: bool = True, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4,
            flip_probability: float = 0.5) -> nn.Module:
     """`crop_size` defaults to the encoder's `img_size`; any other value is refused (the ViT takes only that)."""
-    from rafmedia.engine.encoders_transformers import MonaiViT3d
+    from rafmedia.engine.encoders.transformers import MonaiViT3d
 
     if not isinstance(encoder, MonaiViT3d):
         raise UserError(f"mae_3d needs a MONAI ViT encoder (vit_3d, vit_tiny_3d, vit_small_3d, vit_base_3d), got "

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.engine.errors import UserError
-from rafmedia.shards.stream import normalize_intensity
+from rafmedia.core.errors import UserError
+from rafmedia.shards.volumes import normalize_intensity
 
 
 class SegmentationHead(nn.Module):
@@ -60,7 +60,7 @@ def encoder_features(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.ndarra
     """The frozen encoder's dense feature maps (N, F, d, h, w) of z-scored volumes (`dense_features`), in eval mode
     (restored after).
 
-    Volumes are z-scored per volume (`rafmedia.shards.stream.normalize_intensity`); z-scoring is idempotent, so
+    Volumes are z-scored per volume (`rafmedia.shards.volumes.normalize_intensity`); z-scoring is idempotent, so
     volumes from `load_volumes(normalize=True)` come out the same.
     """
     volumes = torch.as_tensor(volumes_NCDHW)
