@@ -87,7 +87,7 @@ def prepare_data(folder: Path, config: BenchConfig) -> Path:
     from concurrent.futures import ProcessPoolExecutor
 
     from rafmedia.shards.store import CohortStore, StoreConfig
-    from rafmedia.shards.synth import single_threaded_children
+    from rafmedia.core.environment import single_threaded_children
 
     recipe = {"subjects": config.subjects, "size": config.size, "seed": config.seed, "version": 2}  # 2: Blosc-LZ4 float chunks
     recipe_path = folder / "recipe.json"

@@ -25,3 +25,12 @@ def temporary_environ(values: Mapping[str, str], *, keep_existing: bool = False)
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+THREAD_POOL_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def single_threaded_children() -> contextlib.AbstractContextManager[None]:
+    """Native thread pools of size 1 in the environment that spawned worker processes inherit (a pool of N
+    processes on N cores, each with N threads, would oversubscribe them N times)."""
+    return temporary_environ({name: "1" for name in THREAD_POOL_VARIABLES})

@@ -5,6 +5,7 @@ NCCL on CUDA.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -52,6 +53,13 @@ def place_from_environment(env: dict[str, str] | None = None) -> Place:
     if not 0 <= place.rank < place.world_size:
         raise UserError(f"RANK={place.rank} is outside WORLD_SIZE={place.world_size}")
     return place
+
+
+def free_port() -> int:
+    """A TCP port free on every interface of this host, for a rendezvous (rank 0's store)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def device_for(place: Place) -> torch.device:

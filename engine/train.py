@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rafmedia.core.errors import UserError
+from rafmedia.core.errors import Preempted, UserError
 from rafmedia.core.files import atomic_write_text
 from rafmedia.engine.batches import as_batch_source
 from rafmedia.engine.distributed import (Place, any_rank, device_for, gather_objects, init_distributed,
@@ -75,15 +75,6 @@ class TrainResult:
     losses: list[float]  # the loss of every step run in this call (mean over ranks and micro-batches)
     last_step: int
     ema: nn.Module | None = None  # the EMA of the encoder, when train.ema_decay > 0
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after saving a checkpoint; running the same command again resumes."""
-
-    def __init__(self, signal_name: str, step: int, checkpoints: Path):
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {checkpoints}. "
-                         "Run the same command again to resume")
-        self.signal_name, self.step = signal_name, step
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from rafmedia.core.environment import temporary_environ
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write, atomic_write_text
 from rafmedia.core.registry import Registry
-from rafmedia.engine.distributed import Place, barrier
+from rafmedia.engine.distributed import Place, barrier, free_port
 
 WRAPPERS: Registry = Registry("training wrapper")
 CHECKPOINT_FILE = "latest.pt"
@@ -175,27 +174,10 @@ def import_deepspeed():
     return deepspeed
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _one_process_environment():
-    """torchrun's variables for a one-process group, set while DeepSpeed starts and then put back."""
-    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port())}
-    saved = {key: os.environ.get(key) for key in defaults}
-    os.environ.update({key: saved[key] or value for key, value in defaults.items()})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def one_process_variables() -> dict[str, str]:
+    """torchrun's variables for a one-process group (set while DeepSpeed starts, then put back)."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
 
 
 class DeepSpeedWrapper:
@@ -210,7 +192,8 @@ class DeepSpeedWrapper:
         # DeepSpeed wants a process group even for one process: it gets one for this run only, and the
         # process's environment is left as it was found
         self.owns_group = place.world_size == 1 and not torch.distributed.is_initialized()
-        with _one_process_environment() if self.owns_group else contextlib.nullcontext():
+        environment = temporary_environ(one_process_variables(), keep_existing=True)
+        with environment if self.owns_group else contextlib.nullcontext():
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        auto_mpi_discovery=False)
             self.engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,

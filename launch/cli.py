@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from rafmedia.core.errors import UserError
+from rafmedia.core.errors import Preempted, UserError
 from rafmedia.core.registry import did_you_mean
 
 EPILOG_CONFIG = """configuration:
@@ -338,7 +338,6 @@ def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rafmedia.engine.train import Preempted
     from rafmedia.launch import commands
 
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from rafmedia.core.errors import UserError
+from rafmedia.engine.distributed import free_port
 
 DEFAULT_PORT = 29500
 
@@ -150,14 +151,8 @@ def mpi_rank0_address(address: str | None, port: str | None) -> tuple[str, str]:
         raise UserError("started by mpirun without MASTER_ADDR / MASTER_PORT: install mpi4py (pip install "
                         "'rafmedia[mpi]') or export MASTER_ADDR and MASTER_PORT") from None
     comm = MPI.COMM_WORLD
-    mine = (address or socket.gethostname(), port or str(_free_port())) if comm.Get_rank() == 0 else None
+    mine = (address or socket.gethostname(), port or str(free_port())) if comm.Get_rank() == 0 else None
     return comm.bcast(mine, root=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 def export_for_torch(job: JobEnvironment, env: dict[str, str] | None = None) -> None:

@@ -258,7 +258,7 @@ def ingest(input_path: str | Path, out: str | Path, *, config: IngestConfig, sto
 def _run(store: CohortStore, sources: list[SubjectSource], config: IngestConfig, *, progress: bool):
     from tqdm.auto import tqdm
 
-    from rafmedia.shards.synth import single_threaded_children
+    from rafmedia.core.environment import single_threaded_children
 
     outcomes = []
     bar = tqdm(total=len(sources), desc="ingest", unit="subject", disable=not progress)

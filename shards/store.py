@@ -34,6 +34,7 @@ from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_text
 
 STORE_FORMAT = "rafmedia.cohort/1"
+COHORT_STORE = "cohort.zarr"  # the store's name inside a run or cohort-build folder
 SUBJECTS = "subjects"
 STAGING = ".staging"
 MANIFEST = "manifest.csv"
@@ -61,6 +62,17 @@ def _codecs(dtype: np.dtype, level: int):
 
 class CorruptChunkError(UserError):
     """A chunk on disk fails its checksum or does not decode."""
+
+
+def resolve_store(path: str | Path) -> Path:
+    """A cohort store, or a folder holding one (`cohort.zarr`, as `raf synth --out` and `raf cohort build` write);
+    a path that does not exist is a UserError."""
+    candidate = Path(path).expanduser()
+    if (candidate / COHORT_STORE / "zarr.json").is_file():
+        return candidate / COHORT_STORE
+    if not candidate.exists():
+        raise UserError(f"cohort store not found: {candidate} (create one with `raf synth --out DIR`)")
+    return candidate
 
 
 class CohortStore:

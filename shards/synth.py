@@ -24,10 +24,8 @@ the same seed gives the same cohort whatever the number of worker processes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from rafmedia.core.environment import single_threaded_children
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import write_json
 from rafmedia.shards.manifest import summary_row
@@ -354,22 +353,6 @@ def _check_same_recipe(store: CohortStore, config: CohortConfig) -> None:
         changed = sorted(key for key in recipe.keys() | existing.keys() if recipe.get(key) != existing.get(key))
         raise UserError(f"{store.path} was generated with a different cohort config (changed: {', '.join(changed)}); "
                         "pass --overwrite to regenerate it, or choose another --out")
-
-
-@contextlib.contextmanager
-def single_threaded_children():
-    """Sets the native thread-pool sizes to 1 in the environment that spawned children inherit."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: "1" for name in names})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _row_from_store(store: CohortStore, subject: dict[str, Any]) -> dict[str, Any]:
