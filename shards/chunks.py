@@ -14,13 +14,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import google_crc32c
+import numcodecs
 import numpy as np
 
 
 def chunk_codec(metadata: dict[str, Any]):
     """The numcodecs codec that decodes the compressed chunk payloads of a zarr v3 array (zstd or blosc)."""
-    import numcodecs
-
     return numcodecs.Zstd() if metadata["codecs"][1]["name"] == "zstd" else numcodecs.Blosc()
 
 
@@ -122,8 +122,6 @@ class ChunkedArray:
         return chunk
 
     def _decode(self, index) -> np.ndarray | None:
-        import google_crc32c
-
         try:
             with open(self._file(index), "rb", buffering=0) as handle:
                 raw = handle.read()

@@ -14,7 +14,7 @@ each challenging subject gets (alteration, severity, seed) and `CohortSplit.read
 
 Outputs (written into a staging folder, then renamed into place):
 
-    OUT/splits/<split>.csv      one row per subject (columns: `SPLIT_COLUMNS`, then the manifest's)
+    OUT/splits/<split>.csv      one row per subject (columns: `cohort_reader.SPLIT_COLUMNS`, then the manifest's)
     OUT/excluded.csv            subjects left out, with the reason (filter, unused held-out, imbalance)
     OUT/cohort.json             resolved spec, realised counts per split / subgroup, planted proportions
     OUT/resolved_spec.yaml      the spec with defaults filled in and store paths made absolute
@@ -23,8 +23,6 @@ Outputs (written into a staging folder, then renamed into place):
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import os
 import shutil
@@ -39,16 +37,13 @@ import yaml
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import read_json, write_json
 from rafmedia.core.registry import did_you_mean
+from rafmedia.shards.cohort_reader import NO_ALTERATION, SPLIT_COLUMNS, split_sample_reader
 from rafmedia.shards.cohort_spec import ChallengingSpec, CohortSpec, ImbalanceSpec, OutOfDistributionSpec, spec_to_dict
-from rafmedia.shards.splits import stratified_assign
-from rafmedia.shards.store import CohortStore
-from rafmedia.shards.synth import exact_counts
+from rafmedia.shards.datasheet import DatasheetConfig, default_attributes, metadata_columns, write_datasheet
+from rafmedia.shards.splits import exact_counts, stratified_assign
+from rafmedia.shards.store import CohortStore, publish_folder, resolve_store, write_rows_csv
 
 BUILD_FORMAT = "rafmedia.cohort-build/1"
-COHORT_STORE = "cohort.zarr"
-NO_ALTERATION = "none"
-SPLIT_COLUMNS = ["uid", "source", "store", "subject_id", "split", "ood", "alteration", "alteration_severity",
-                 "alteration_seed"]
 # Seed purposes: one independent stream per decision, so changing one part of a spec leaves the others alone.
 SPLIT, OOD, IMBALANCE, CHALLENGE = 1, 2, 3, 4
 Row = dict[str, Any]
@@ -63,8 +58,6 @@ def value_key(value: Any) -> str:
 
 
 def _check_attribute(key: str, attribute: str, rows: list[Row]) -> None:
-    from rafmedia.shards.datasheet import metadata_columns
-
     columns = [c for c in dict.fromkeys(column for row in rows for column in row) if c not in SPLIT_COLUMNS]
     if attribute not in columns:
         described = [c for c in metadata_columns(rows) if c not in SPLIT_COLUMNS]
@@ -110,19 +103,11 @@ def _condition(key: str, attribute: str, condition: Any, rows: list[Row]) -> lis
 
 
 # ---- stage 1: gather sources ---------------------------------------------------------------------
-def resolve_store_path(path: str | Path) -> Path:
-    """A cohort store, or a folder holding `cohort.zarr`, as an absolute path."""
-    candidate = Path(path).expanduser()
-    if (candidate / COHORT_STORE / "zarr.json").is_file():
-        candidate = candidate / COHORT_STORE
-    return candidate.resolve()
-
-
 def gather_sources(spec: CohortSpec) -> tuple[list[Row], list[Row], list[dict[str, Any]]]:
     """Reads every source's manifest, applies `where`; returns (rows, excluded rows, per-source report)."""
     rows, excluded, report = [], [], []
     for index, source in enumerate(spec.sources):
-        store = CohortStore(resolve_store_path(source.store))
+        store = CohortStore(resolve_store(source.store).resolve())
         manifest = store.read_manifest()
         missing = sorted({str(row["subject_id"]) for row in manifest} - set(store.subject_ids()))
         if missing:
@@ -372,7 +357,7 @@ def build_cohort(spec: CohortSpec, *, out: str | Path, overwrite: bool = False, 
     out = Path(out)
     spec = copy.deepcopy(spec)  # store paths are resolved below; the caller's spec stays as given
     for source in spec.sources:
-        source.store = str(resolve_store_path(source.store))
+        source.store = str(resolve_store(source.store).resolve())
     resolved = json.loads(json.dumps(spec_to_dict(spec)))
     _check_destination(out, resolved, overwrite)
     rows, excluded, sources = gather_sources(spec)
@@ -394,7 +379,7 @@ def build_cohort(spec: CohortSpec, *, out: str | Path, overwrite: bool = False, 
         if out.exists() and not overwrite and _splits_differ(out, staging, list(spec.splits)):
             raise UserError(f"{out} holds a build of this spec whose splits differ from a rebuild (the sources "
                             "changed since); pass --overwrite to replace it, or choose another --out")
-        _publish(staging, out)
+        publish_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -419,33 +404,8 @@ def _splits_differ(out: Path, staging: Path, names: list[str]) -> bool:
                for n in names)
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Renames the finished build into place; an old build is moved aside first, so `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, trash)
-        os.rename(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(staging, out)
-
-
-def write_rows_csv(path: Path, rows: list[Row], columns: list[str] | None = None) -> None:
-    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
-
-
 def _write_build(folder: Path, rows: list[Row], excluded: list[Row], summary: dict[str, Any], split_names: list[str],
                  *, datasheets: bool, progress: bool) -> None:
-    from rafmedia.shards.cohort_reader import split_sample_reader
-    from rafmedia.shards.datasheet import DatasheetConfig, default_attributes, write_datasheet
-
     columns = list(dict.fromkeys([*SPLIT_COLUMNS, *(key for row in rows for key in row)]))
     for name in split_names:
         write_rows_csv(folder / "splits" / f"{name}.csv", [row for row in rows if row["split"] == name], columns)

@@ -1,5 +1,6 @@
 """Reading one split of a cohort build: its subjects, and their volumes with the planted alteration applied.
 
+A split manifest (`splits/<split>.csv` of a build) has the columns `SPLIT_COLUMNS`, then the source manifest's.
 `CohortSplit(build_dir, "public_test")` iterates `SplitEntry`s; `read(entry)` returns the subject's
 volume from its source store and, for a challenging subject, applies the recorded alteration with a
 `torch.Generator` seeded from the recorded `alteration_seed`: the altered voxels are the same on every
@@ -7,7 +8,6 @@ read, in every process, and no altered copy is ever stored.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,8 +17,12 @@ import torch
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import did_you_mean
-from rafmedia.shards.cohort import NO_ALTERATION, SPLIT_COLUMNS
-from rafmedia.shards.store import CohortStore, _parse_cell
+from rafmedia.shards.alterations import create_alteration
+from rafmedia.shards.store import CohortStore, read_rows_csv
+
+NO_ALTERATION = "none"  # the `alteration` of a clean subject
+SPLIT_COLUMNS = ["uid", "source", "store", "subject_id", "split", "ood", "alteration", "alteration_severity",
+                 "alteration_seed"]
 
 
 @dataclass
@@ -51,12 +55,6 @@ class SplitEntry:
                    metadata={k: v for k, v in row.items() if k not in SPLIT_COLUMNS})
 
 
-def read_rows_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a CSV with numbers parsed back to int / float (as `CohortStore.read_manifest` does)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{key: _parse_cell(value) for key, value in row.items()} for row in csv.DictReader(handle)]
-
-
 class EntryReader:
     """Reads entries' volumes, keeping one open `CohortStore` per source store."""
 
@@ -87,8 +85,6 @@ class EntryReader:
 
 def apply_recorded_alteration(volume: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     """Applies `create_alteration(name, severity)` to a (D, H, W) volume with a generator seeded by `seed`."""
-    from rafmedia.shards.alterations import create_alteration
-
     alteration = create_alteration(name, severity=severity)
     generator = torch.Generator().manual_seed(int(seed))
     x_BCDHW = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]

@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_bytes, atomic_write_text, write_json
 from rafmedia.core.registry import did_you_mean
+from rafmedia.shards import datasheet_figures
+from rafmedia.shards.cohort_reader import split_sample_reader
 from rafmedia.shards.manifest import QUALITY_FLAGS
+from rafmedia.shards.store import COHORT_STORE, CohortStore, read_rows_csv, resolve_store
 
 MISSING = "(missing)"
 MAX_INTEGER_CATEGORIES = 10
@@ -163,8 +167,6 @@ def geometry(rows: list[Row]) -> dict[str, Any]:
 def intensity_histograms(rows: list[Row], read_sample: Callable[[Row], np.ndarray], *, group_by: str | None,
                          bins: int, progress: bool) -> dict[str, Any]:
     """Normalised histograms of sub-sampled voxels per group, on bins shared by every group."""
-    from tqdm.auto import tqdm
-
     samples: dict[str, list[np.ndarray]] = {}
     for row in tqdm(rows, desc="datasheet voxels", unit="subject", disable=not progress):
         group = _label(row.get(group_by, "")) if group_by else "all"
@@ -219,8 +221,6 @@ def compute_datasheet(rows: list[Row], *, config: DatasheetConfig, title: str,
 def write_datasheet(rows: list[Row], *, out: str | Path, config: DatasheetConfig, title: str,
                     read_sample: Callable[[Row], np.ndarray] | None, progress: bool = True) -> Path:
     """Writes datasheet.json, datasheet.md (+ figures/*.png) and datasheet.html into `out`; returns the HTML path."""
-    from rafmedia.shards import datasheet_figures
-
     out = Path(out)
     sheet = compute_datasheet(rows, config=config, title=title, read_sample=read_sample, progress=progress)
     write_json(out / "datasheet.json", sheet)
@@ -234,10 +234,6 @@ def write_datasheet(rows: list[Row], *, out: str | Path, config: DatasheetConfig
 def load_manifest(path: str | Path, *, channel: str,
                   stride: int) -> tuple[list[Row], Callable[[Row], np.ndarray], str, Path]:
     """Reads a cohort store's manifest or a split manifest CSV. Returns (rows, voxel reader, title, default out)."""
-    from rafmedia.shards.cohort import COHORT_STORE, resolve_store_path
-    from rafmedia.shards.cohort_reader import read_rows_csv, split_sample_reader
-    from rafmedia.shards.store import CohortStore
-
     path = Path(path)
     if path.is_file() and path.suffix == ".csv":
         rows = read_rows_csv(path)
@@ -247,7 +243,7 @@ def load_manifest(path: str | Path, *, channel: str,
         return rows, split_sample_reader(channel, stride), path.stem, path.parent / f"datasheet-{path.stem}"
     if not path.exists():
         raise UserError(f"{path} not found: give a cohort store (or a folder holding {COHORT_STORE}) or a split CSV")
-    store = CohortStore(resolve_store_path(path))
+    store = CohortStore(resolve_store(path).resolve())
     region = (slice(None, None, stride),) * 3
     return (store.read_manifest(), lambda row: store.read(str(row["subject_id"]), channel, region),
             store.attrs().get("name", store.path.name), store.path / "datasheet")

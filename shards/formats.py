@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel
 import numpy as np
+import SimpleITK as sitk
 
 from rafmedia.core.errors import UserError
 
@@ -82,8 +84,6 @@ def itk_affine_ras(image) -> np.ndarray:
 
 def read_volume(path: str | Path) -> Volume:
     """Reads a 3D image file or DICOM series folder. Raises `BadInput` with the reason when it cannot."""
-    import SimpleITK as sitk
-
     path = Path(path)
     sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK prints warnings to stderr, over the progress bar
     if path.is_dir():
@@ -138,8 +138,6 @@ def _as_3d_scalar(image, name: str, info: dict[str, Any]):
 def _check_nifti_data(path: Path) -> None:
     """Reads the voxels again with nibabel: ITK's NIfTI reader (nifticlib) silently zero-fills a truncated file
     and replaces NaN and Inf voxels with 0, so both are caught here (at the cost of a second decode)."""
-    import nibabel
-
     try:
         image = nibabel.load(path)
         data = np.asanyarray(image.dataobj)
@@ -163,8 +161,6 @@ def _metaimage_data_files(path: Path) -> list[Path]:
 
 
 def _read_dicom_series(folder: Path):
-    import SimpleITK as sitk
-
     reader = sitk.ImageSeriesReader()
     series = _itk_call(reader.GetGDCMSeriesIDs, str(folder), what=folder.name)
     if not series:

@@ -30,8 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from tqdm.auto import tqdm
+
+from rafmedia.core.environment import single_threaded_children
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_text, read_json, write_json
+from rafmedia.shards import preprocess
 from rafmedia.shards.formats import BadInput, read_volume, source_checksum
 from rafmedia.shards.listing import Listing, SubjectSource, check_listing, list_inputs
 from rafmedia.shards.manifest import summary_row
@@ -68,8 +72,6 @@ class IngestConfig:
     tolerance_mm: float = 1e-3  # how far grids may differ (shape equal, origin/spacing/corners within this)
 
     def validate(self) -> None:
-        from rafmedia.shards.preprocess import create_intensity_policy
-
         codes = self.orientation.upper()
         axes = sorted(next((axis for axis, pair in enumerate(("LR", "AP", "SI")) if code in pair), -1) for code in codes)
         if axes != [0, 1, 2]:
@@ -84,7 +86,7 @@ class IngestConfig:
                 raise UserError(f"ingest.intensity.{channel} must be a mapping with a policy name, e.g. "
                                 "{name: ct_window, low: -1000, high: 1000}")
             try:
-                create_intensity_policy(**entry)
+                preprocess.create_intensity_policy(**entry)
             except UserError as error:
                 raise UserError(f"ingest.intensity.{channel}: {error}") from None
 
@@ -128,8 +130,6 @@ def split_for_task(subjects: list[SubjectSource], task_index: int, num_tasks: in
 # ---- one subject -----------------------------------------------------------------------------------
 def prepare_subject(source: SubjectSource, config: IngestConfig):
     """Reads and preprocesses one subject. Returns (channels, label, attrs); raises `BadInput`."""
-    from rafmedia.shards import preprocess
-
     volumes = {channel: read_volume(path) for channel, path in source.images.items()}
     label = read_volume(source.label) if source.label is not None else None
     subject = preprocess.assemble(volumes, label, tolerance_mm=config.tolerance_mm)
@@ -256,10 +256,6 @@ def ingest(input_path: str | Path, out: str | Path, *, config: IngestConfig, sto
 
 
 def _run(store: CohortStore, sources: list[SubjectSource], config: IngestConfig, *, progress: bool):
-    from tqdm.auto import tqdm
-
-    from rafmedia.core.environment import single_threaded_children
-
     outcomes = []
     bar = tqdm(total=len(sources), desc="ingest", unit="subject", disable=not progress)
     if config.workers > 1 and len(sources) > 1:

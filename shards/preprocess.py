@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ScaleIntensityRange, Spacing
+from nibabel import orientations
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.registry import Registry
+from rafmedia.core.registry import Registry, unknown_name_error
 from rafmedia.shards.formats import BadInput, Volume, affine_spacing
 
 INTENSITY_POLICIES: Registry[IntensityPolicy] = Registry("intensity policy")
@@ -58,8 +62,6 @@ def _rounded(values, digits: int = 6) -> list[float]:
 
 def geometry_attrs(affine: np.ndarray) -> dict[str, Any]:
     """The store attributes describing a grid: spacing, RAS affine, origin, direction (row-major) and axis codes."""
-    from nibabel import orientations
-
     spacing = affine_spacing(affine)
     return {"spacing": _rounded(spacing), "affine": [_rounded(row) for row in affine],
             "origin": _rounded(affine[:3, 3]), "direction": _rounded(affine[:3, :3] / spacing[None, :]),
@@ -134,8 +136,6 @@ def integer_label(array: np.ndarray, name: str) -> np.ndarray:
 # ---- 2. reorient -----------------------------------------------------------------------------------
 def reorient(subject: SubjectVolumes, axcodes: str) -> SubjectVolumes:
     """Permutes and flips the array axes so they point along `axcodes` (nibabel's as_reoriented)."""
-    from nibabel import orientations
-
     before = subject.geometry()
     current = orientations.io_orientation(subject.affine)
     transform = orientations.ornt_transform(current, orientations.axcodes2ornt(tuple(axcodes)))
@@ -175,10 +175,6 @@ def resample(subject: SubjectVolumes, spacing: list[float] | None, *, tolerance_
 
 
 def _monai_spacing(array_CIJK: np.ndarray, affine: np.ndarray, spacing: list[float], mode: str):
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Spacing
-
     tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(array_CIJK)), affine=torch.as_tensor(affine))
     output = Spacing(pixdim=spacing, mode=mode, padding_mode="border")(tensor)
     return output.detach().cpu().numpy(), np.asarray(output.affine, dtype=np.float64)
@@ -235,8 +231,6 @@ class CTWindow(IntensityPolicy):
         self.low, self.high = float(low), float(high)
 
     def __call__(self, array, *, metadata, channel):
-        from monai.transforms import ScaleIntensityRange
-
         scale = ScaleIntensityRange(a_min=self.low, a_max=self.high, b_min=0.0, b_max=1.0, clip=True)
         return np.asarray(scale(array).detach().cpu().numpy(), dtype=np.float32), {}
 
@@ -286,8 +280,6 @@ class PETSUV(IntensityPolicy):
 
     def __init__(self, weight_column: str = "weight", dose_column: str = "injected_dose", weight_unit: str = "kg",
                  dose_unit: str = "Bq"):
-        from rafmedia.core.registry import unknown_name_error
-
         if weight_unit not in self.WEIGHT_TO_G:
             raise unknown_name_error("pet_suv weight_unit", weight_unit, self.WEIGHT_TO_G)
         if dose_unit not in self.DOSE_TO_BQ:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.registry import Registry
+from rafmedia.core.registry import Registry, unknown_name_error
 
 SAMPLERS: Registry["PatchSampler"] = Registry("patch sampler")
 Region = tuple[slice, slice, slice]
@@ -360,8 +360,6 @@ def importance_map(patch_size: Sequence[int], mode: str = "constant", sigma_scal
     if mode == "constant":
         return torch.ones(tuple(patch_size), dtype=torch.float32)
     if mode != "gaussian":
-        from rafmedia.core.registry import unknown_name_error
-
         raise unknown_name_error("aggregation mode", mode, ("constant", "gaussian"))
     weights = None
     for axis, size in enumerate(patch_size):

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import webdataset as wds
+from webdataset.autodecode import basichandlers
 
 from rafmedia.core.errors import UserError
 from rafmedia.shards.chunks import ChunkDecodeError, ChunkedArray
 from rafmedia.shards.sampling import ArraySubject, SubjectReader
-from rafmedia.shards.store import LABEL, SUBJECTS, CohortStore, CorruptChunkError
+from rafmedia.shards.store import COHORT_STORE, LABEL, SUBJECTS, CohortStore, CorruptChunkError, resolve_store
 
 
 class StoreSubject:
@@ -85,8 +87,7 @@ class ZarrSource:
 
     def __init__(self, store_path: str | Path, channels: Sequence[str] = ("image",),
                  subject_ids: Sequence[str] | None = None, direct_reads: bool = True):
-        nested = Path(store_path) / "cohort.zarr"
-        self.store = CohortStore(nested if (nested / "zarr.json").is_file() else store_path)
+        self.store = CohortStore(resolve_store(store_path))
         self.channels, self.direct_reads = tuple(channels), direct_reads
         available = self.store.subject_ids()
         if subject_ids is None:
@@ -125,8 +126,6 @@ class WebDatasetSubject:
 
     def _decoded(self) -> ArraySubject:
         if self._memory is None:
-            from webdataset.autodecode import basichandlers
-
             stack = basichandlers("npy", self._sample["image.npy"])
             label = basichandlers("npy", self._sample["label.npy"]) if self.has_label else None
             arrays = {name: stack[index] for index, name in enumerate(self.attrs["channels"])}
@@ -176,8 +175,6 @@ class WebDatasetSource:
         return self.sizes.get(key)
 
     def open(self, key: str) -> Iterator[SubjectReader]:
-        import webdataset as wds
-
         for sample in wds.DataPipeline(wds.SimpleShardList([key]), wds.tarfile_to_samples()):
             yield WebDatasetSubject(sample, self.channels)
 
@@ -189,7 +186,7 @@ def open_source(path: str | Path, channels: Sequence[str] | None = None):
     """A `ZarrSource` for a cohort store (or a folder holding `cohort.zarr`, as `raf synth --out` writes), a
     `WebDatasetSource` for an export folder, its index.json or a .tar."""
     path = Path(path)
-    if (path / "zarr.json").is_file() or (path / "cohort.zarr" / "zarr.json").is_file():
+    if (path / "zarr.json").is_file() or (path / COHORT_STORE / "zarr.json").is_file():
         return ZarrSource(path, channels or ("image",))
     if (path / "index.json").is_file() or path.suffix in (".json", ".tar"):
         return WebDatasetSource(str(path), channels)

@@ -20,9 +20,16 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from rafmedia.shards.synth import exact_counts
-
 _EPSILON = 1e-9
+
+
+def exact_counts(total: int, weights: list[float]) -> list[int]:
+    """Splits `total` into integer counts proportional to `weights` (largest remainder method)."""
+    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights) * total
+    counts = np.floor(shares).astype(int)
+    for index in np.argsort(-(shares - counts), kind="stable")[: total - counts.sum()]:
+        counts[index] += 1
+    return counts.tolist()
 
 
 def controlled_rounding(stratum_sizes: Sequence[int], fractions: Sequence[float],

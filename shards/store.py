@@ -123,28 +123,13 @@ class CohortStore:
                 group.create_array(name, data=array, chunks=chunks, compressors=_codecs(array.dtype, level))
             group.attrs.update({**attrs, "subject_id": subject_id, "channels": list(channels),
                                 "has_label": label is not None, "shape": list(array.shape)})
-            self._publish(staging, self.path / SUBJECTS / subject_id)
+            publish_folder(staging, self.path / SUBJECTS / subject_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    @staticmethod
-    def _publish(staging: Path, final: Path) -> None:
-        if final.exists():  # overwrite: move the old one aside first, so there is never a mixed subject
-            trash = final.with_name(f".{final.name}.old.{uuid.uuid4().hex[:8]}")
-            os.rename(final, trash)
-            os.rename(staging, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, final)
-
     def write_manifest(self, rows: list[dict[str, Any]]) -> Path:
         """Writes manifest.csv atomically (columns: the union of the rows' keys, in first-seen order)."""
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return atomic_write_text(self.path / MANIFEST, buffer.getvalue())
+        return write_rows_csv(self.path / MANIFEST, rows)
 
     def update_attrs(self, attrs: dict[str, Any]) -> None:
         """Adds store-level attributes (e.g. how the cohort was made) to the root group."""
@@ -189,8 +174,7 @@ class CohortStore:
         path = self.path / MANIFEST
         if not path.is_file():
             raise UserError(f"{path} is missing: the store has no manifest (re-run `raf synth` to finish it)")
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [{key: _parse_cell(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+        return read_rows_csv(path)
 
     def _group(self, subject_id: str):
         if not self.has_subject(subject_id):
@@ -215,10 +199,48 @@ def _format_region(region: tuple[slice, ...]) -> str:
     return "[" + ", ".join(f"{r.start or 0}:{'' if r.stop is None else r.stop}" for r in region) + "]"
 
 
-def _parse_cell(value: str) -> Any:
+# ---- manifest CSVs (the store's manifest.csv, and the split manifests of a cohort build) ---------------------
+def parse_cell(value: str) -> Any:
+    """A manifest CSV cell as the value it was written from: an int, else a float, else the text itself
+    ("" stays "", the spelling of a missing value)."""
     for parse in (int, float):
         try:
             return parse(value)
         except ValueError:
             pass
     return value
+
+
+def read_rows_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a manifest CSV, one dict per line, with numbers parsed back to int / float (`parse_cell`)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{key: parse_cell(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def write_rows_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
+    """Writes rows as a CSV, atomically; returns `path`.
+
+    Args:
+        path: the file (its folder is created).
+        rows: one dict per line; a key missing from a row is written as an empty cell.
+        columns: the header, in order (default: the union of the rows' keys, in first-seen order).
+    """
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Renames a finished `staging` folder to `final` (same file system). An existing `final` is first renamed
+    aside and deleted after, so `final` is never a mix of the old and the new folder, nor half-written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, trash)
+        os.rename(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, final)

@@ -5,8 +5,8 @@
 
 A *source* lists the units to split (`keys()`: subjects of a zarr cohort store, or tar shards of a webdataset
 export) and `open(key)`s them as subject readers (see `rafmedia.shards.sampling`); `ZarrSource` and
-`WebDatasetSource` (`rafmedia.shards.sources`) share that interface, so one `PatchStream` reads either and, for the same seed, draws the same
-patches from the same subject.
+`WebDatasetSource` (`rafmedia.shards.sources`) share that interface, so one `PatchStream` reads either and, for
+the same seed, draws the same patches from the same subject.
 
 Randomness. The key shuffle of epoch e is drawn from (seed, e), identical on every rank, so the ranks and workers
 split one permutation into disjoint parts that together cover the epoch. The patches of a subject visit are drawn
@@ -34,11 +34,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, default_collate
 
 from rafmedia.core.errors import UserError
 from rafmedia.shards.sampling import PatchSampler, SubjectReader, create_sampler
-from rafmedia.shards.sources import (StoreSubject, WebDatasetSource, WebDatasetSubject,  # noqa: F401 (importable
-                                     ZarrSource, open_source)  # from here too, beside the stream that reads them)
+from rafmedia.shards.sources import open_source
 
 STATE_FORMAT = "rafmedia.stream-state/1"
 _SHUFFLE, _PATCHES = 1, 2  # purposes mixed into the seeds, so the key shuffle and the patch draws never share a stream
@@ -121,8 +121,6 @@ class Batch:
 
     @staticmethod
     def collate(group: list[tuple[SubjectReader, dict[str, Any]]], sampler: PatchSampler) -> dict[str, Any]:
-        from torch.utils.data import default_collate
-
         if not sampler.has_image:
             return default_collate([to_tensors(sampler.extract(reader, plan)) for reader, plan in group])
         channels = len(group[0][0].channels)
@@ -393,8 +391,6 @@ class StreamLoader:
         self.consumed = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from torch.utils.data import DataLoader
-
         self.stream.check_workers(self.num_workers)  # here, before workers start: a worker's error is slow to unwind
         self.stream.load_state_dict(self.state_dict())
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, **self.loader_options)

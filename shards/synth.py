@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from rafmedia.core.environment import single_threaded_children
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import write_json
 from rafmedia.shards.manifest import summary_row
+from rafmedia.shards.splits import exact_counts
 from rafmedia.shards.store import CohortStore, StoreConfig
 
 LABELS = {"background": 0, "body": 1, "heart": 2, "liver": 3, "kidney": 4, "lesion": 5}
@@ -115,15 +117,6 @@ class CohortConfig:
 
 
 # ---- cohort-level assignment (exact counts) ------------------------------------------------------
-def exact_counts(total: int, weights: list[float]) -> list[int]:
-    """Splits `total` into integer counts proportional to `weights` (largest remainder method)."""
-    shares = np.asarray(weights, dtype=np.float64) / np.sum(weights) * total
-    counts = np.floor(shares).astype(int)
-    for index in np.argsort(-(shares - counts), kind="stable")[: total - counts.sum()]:
-        counts[index] += 1
-    return counts.tolist()
-
-
 def assign_subjects(config: CohortConfig) -> list[dict[str, Any]]:
     """Draws site, sex, age and disease for every subject, with exact planted counts."""
     rng = np.random.default_rng([config.seed, 0])
@@ -305,8 +298,6 @@ def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str
     With `config.workers > 1` subjects are rendered in spawned processes, so a script calling this must guard
     its entry point with `if __name__ == "__main__":` (as for any spawned multiprocessing).
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     store = CohortStore.create(out, config=store_config, name=config.name, overwrite=overwrite)
     _check_same_recipe(store, config)

@@ -8,7 +8,6 @@ into place when complete, so an interrupted export never leaves shards that look
 """
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
@@ -16,10 +15,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import webdataset as wds
+from tqdm.auto import tqdm
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import write_json
-from rafmedia.shards.store import MANIFEST, CohortStore
+from rafmedia.core.files import read_json, write_json
+from rafmedia.core.registry import unknown_name_error
+from rafmedia.shards.store import MANIFEST, CohortStore, publish_folder
 
 INDEX = "index.json"
 MODES = ("volumes", "patches")
@@ -37,8 +39,6 @@ class ExportConfig:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            from rafmedia.core.registry import unknown_name_error
-
             raise unknown_name_error("export.mode", self.mode, MODES)
         if self.shard_size_mb <= 0 or self.patch_size < 1 or self.patches_per_subject < 1:
             raise UserError("export.shard_size_mb, export.patch_size and export.patches_per_subject must be positive")
@@ -81,9 +81,6 @@ def _encoded_size(sample: dict[str, Any]) -> int:
 def export_webdataset(store: CohortStore, out: str | Path, *, config: ExportConfig, overwrite: bool = False,
                       progress: bool = True) -> Path:
     """Writes the shards and `index.json` into `out` (a new folder); returns the index path."""
-    import webdataset as wds
-    from tqdm.auto import tqdm
-
     config.validate()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -113,9 +110,7 @@ def export_webdataset(store: CohortStore, out: str | Path, *, config: ExportConf
         write_json(staging / INDEX, {"format": "rafmedia.webdataset/1", "source": str(store.path),
                                      "config": asdict(config), "num_samples": sum(s["num_samples"] for s in shards),
                                      "shards": shards})
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
+        publish_folder(staging, out)
     finally:
         if handle is not None and not handle.closed:
             handle.close()
@@ -136,6 +131,4 @@ def shard_urls(folder: str | Path) -> list[str]:
     index = folder / INDEX
     if not index.is_file():
         raise UserError(f"{index} not found: {folder} is not a finished webdataset export")
-    from rafmedia.core.files import read_json
-
     return [str(folder / shard["name"]) for shard in read_json(index)["shards"]]

@@ -1,5 +1,7 @@
-"""The alteration contract and registry."""
+"""The alteration contract and registry, and the seed of each alteration at each severity."""
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -63,6 +65,14 @@ def create_alteration(name: str, severity: int = 3, parameter: float | None = No
 
 def list_alterations() -> list[str]:
     return ALTERATIONS.names()
+
+
+def alteration_seed(name: str, severity: int) -> int:
+    """The seed of alteration `name` at `severity` (the random draws of every subject derive from it): 31 bits of
+    SHA-256 of "name/severity", so the same in every process and Python version, and independent of what else is
+    registered (registering a new alteration changes no other alteration's seed)."""
+    digest = hashlib.sha256(f"{name}/{int(severity)}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
 def severity_table() -> str:

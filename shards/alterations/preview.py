@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_bytes
 from rafmedia.core.render import png, subplots
 from rafmedia.shards.alterations.base import ALTERATIONS, NUM_SEVERITIES, create_alteration, list_alterations
+from rafmedia.shards.store import CohortStore, resolve_store
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -46,8 +48,6 @@ def load_preview_volume(source: str) -> tuple[np.ndarray, str]:
 
 
 def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel
-
     try:
         array = np.asarray(nibabel.load(str(path)).dataobj, dtype=np.float32)
     except Exception as error:  # nibabel raises OSError, EOFError, ImageFileError, ValueError, ...
@@ -59,11 +59,8 @@ def _read_nifti(path: Path) -> np.ndarray:
     return array
 
 
-def _open_store(path: Path):
-    from rafmedia.shards.store import CohortStore
-
-    if (path / "cohort.zarr" / "zarr.json").is_file():
-        path = path / "cohort.zarr"
+def _open_store(path: Path) -> CohortStore:
+    path = resolve_store(path)
     if not (path / "zarr.json").is_file():
         raise UserError(f"{path} is not a cohort store (no zarr.json); create one with `raf synth --out DIR`")
     return CohortStore(path)

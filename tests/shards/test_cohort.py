@@ -11,13 +11,12 @@ import yaml
 from rafmedia.core.errors import UserError
 from rafmedia.launch.cli import main
 from rafmedia.shards.cohort import build_cohort
-from rafmedia.shards.cohort_reader import CohortSplit, read_rows_csv
+from rafmedia.shards.cohort_reader import CohortSplit
 from rafmedia.shards.cohort_spec import load_spec, spec_from_dict
 from rafmedia.shards.datasheet import load_manifest
 from rafmedia.shards.manifest import summary_row
-from rafmedia.shards.splits import controlled_rounding
-from rafmedia.shards.store import CohortStore, StoreConfig
-from rafmedia.shards.synth import exact_counts
+from rafmedia.shards.splits import controlled_rounding, exact_counts
+from rafmedia.shards.store import CohortStore, StoreConfig, read_rows_csv
 
 SPLITS = {"train": 0.5, "public_test": 0.25, "hidden_test": 0.25}
 
@@ -54,6 +53,13 @@ def build(tmp_path, data, name="build", **options):
 
 
 # ---- allocation primitive ------------------------------------------------------------------------
+def test_exact_counts_are_the_largest_remainder_rounding():
+    assert exact_counts(10, [1, 1, 1]) == [4, 3, 3]
+    assert exact_counts(7, [0.5, 0.25, 0.25]) == [3, 2, 2]  # quotas 3.5, 1.75, 1.75: the largest remainders round up
+    assert exact_counts(2, [1, 1, 1]) == [1, 1, 0]  # equal remainders: the first ones round up
+    assert sum(exact_counts(199, [0.2, 0.3, 0.5])) == 199
+
+
 def test_controlled_rounding_keeps_strata_and_totals_on_random_tables():
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -11,8 +11,8 @@ from rafmedia.shards.chunks import ChunkedArray
 from rafmedia.shards.sampling import create_sampler
 from rafmedia.shards.sources import StoreSubject, WebDatasetSource, ZarrSource
 from rafmedia.shards.store import CohortStore, CorruptChunkError, StoreConfig
-from rafmedia.shards.streaming import (PatchStream, ShuffleKeys, SplitByNode, SplitByWorker, StreamConfig, StreamLoader,
-                                       build_stream_loader, worker_offsets)
+from rafmedia.shards.streaming import (PatchStream, ShuffleKeys, SplitByNode, SplitByWorker, StreamConfig,
+                                       StreamContext, StreamLoader, build_stream_loader, worker_offsets)
 from rafmedia.shards.wds_export import ExportConfig, export_webdataset
 
 
@@ -107,8 +107,6 @@ def test_rank_and_world_size_come_from_torchrun_variables(small_cohort, monkeypa
 
 
 def stream_context(stream, epoch=0):
-    from rafmedia.shards.streaming import StreamContext
-
     return StreamContext(stream.seed, epoch, stream.rank, stream.world_size)
 
 

@@ -7,8 +7,7 @@ from scipy import ndimage
 
 from rafmedia.core.errors import UserError
 from rafmedia.shards.store import CohortStore, StoreConfig
-from rafmedia.shards.synth import (CohortConfig, assign_subjects, exact_counts, generate_cohort,
-                                   severity_from_enlargement)
+from rafmedia.shards.synth import CohortConfig, assign_subjects, generate_cohort, severity_from_enlargement
 from tests.conftest import NOISE, small_cohort_config
 
 
@@ -87,9 +86,7 @@ def test_rerun_resumes_and_keeps_finished_subjects(tmp_path):
     assert len(CohortStore(tmp_path / "c.zarr").read_manifest()) == 4
 
 
-def test_exact_counts_and_assignment():
-    assert exact_counts(10, [1, 1, 1]) == [4, 3, 3]
-    assert sum(exact_counts(199, [0.2, 0.3, 0.5])) == 199
+def test_assignment_plants_the_sex_ratio_exactly():
     subjects = assign_subjects(CohortConfig(num_subjects=30, sex_ratio=2.0))
     assert sum(s["sex"] == "F" for s in subjects) == 20
 
