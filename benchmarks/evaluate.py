@@ -78,7 +78,7 @@ def export(folder: Path, seed: int = 0) -> Path:
 
 def cohort_arrays(store_path: Path, num_subjects: int) -> tuple[torch.Tensor, np.ndarray]:
     """The first `num_subjects` raw (un-normalised) volumes and their disease labels."""
-    from rafmedia.evaluate.runner import binary_labels
+    from rafmedia.evaluate.cohort_data import binary_labels
     from rafmedia.shards.store import CohortStore
     from rafmedia.shards.volumes import load_volumes
 
@@ -95,12 +95,12 @@ def raw_pass(encoder: torch.nn.Module, batches: list[torch.Tensor]) -> list[torc
 
 
 def metric_work(emb_ND: np.ndarray, *, probe, labels_N: np.ndarray, clean_ND: np.ndarray) -> dict[str, float]:
-    """What `runner.robustness_results` computes per subject at one alteration level, given its embeddings."""
+    """What `robustness.robustness_results` computes per subject at one alteration level, given its embeddings."""
     from rafmedia.evaluate.embed import embedding_stability
     from rafmedia.evaluate.metrics import compute_auroc, compute_balanced_accuracy
 
-    return {"auroc": compute_auroc(probe.scores(emb_ND), labels_N),
-            "balanced_accuracy": compute_balanced_accuracy(probe.predict(emb_ND), labels_N),
+    return {"auroc": compute_auroc(y_true=labels_N, y_score=probe.scores(emb_ND)),
+            "balanced_accuracy": compute_balanced_accuracy(y_true=labels_N, y_pred=probe.predict(emb_ND)),
             **embedding_stability(clean_ND, emb_ND)}
 
 
@@ -228,23 +228,22 @@ def _embed_label(args, kwargs) -> str:
     return "embed altered" if kwargs.get("alteration") is not None else "embed clean"
 
 
-# (module path, attribute, stage label); attributes missing from the runner's version are skipped, so the wrappers
-# follow the runner whether it embeds through `extract_embeddings` (batched) or `embed_subjects` (per subject).
+# (module path, attribute, stage label): where the runner and its stages look each step up, so a wrapper set there
+# times every call; attributes a module lacks are skipped.
 STAGES = [
     ("rafmedia.evaluate.runner", "load_cohort", "load cohort volumes"),
     ("rafmedia.evaluate.runner", "build_entries", "load encoders"),
-    ("rafmedia.evaluate.runner", "extract_embeddings", _embed_label),
-    ("rafmedia.evaluate.runner", "embed_subjects", _embed_label),
-    ("rafmedia.evaluate.runner", "fit_probes", "probe fits (CV over C)"),
-    ("rafmedia.evaluate.runner", "probe_results", "probe metrics"),
-    ("rafmedia.evaluate.scan_level", "knn_and_few_shot", "kNN + few-shot probes"),
+    ("rafmedia.evaluate.embed", "embed_subjects", _embed_label),
+    ("rafmedia.evaluate.scan_level", "fit_probes", "probe fits (CV over C)"),
+    ("rafmedia.evaluate.scan_level", "clean_results", "probe metrics"),
+    ("rafmedia.evaluate.scan_level", "other_probe_results", "kNN + few-shot probes"),
+    ("rafmedia.evaluate.scan_level", "few_shot_results", "kNN + few-shot probes"),
     ("rafmedia.evaluate.scan_level", "ordinal_results", "ordinal probes"),
-    ("rafmedia.evaluate.runner", "fairness_results", "fairness (bootstrap CIs, permutation tests)"),
+    ("rafmedia.evaluate.fairness", "fairness_results", "fairness (bootstrap CIs, permutation tests)"),
     ("rafmedia.evaluate.runner", "robustness_results", "robustness scoring (probe on altered, stability)"),
     ("rafmedia.evaluate.latent", "latent_results", "latent tests"),
-    ("rafmedia.evaluate.runner", "projection", "latent tests"),
     ("rafmedia.evaluate.raf", "raf_with_intervals", "RAF bootstrap"),
-    ("rafmedia.evaluate.runner", "segmentation_results", "segmentation"),
+    ("rafmedia.evaluate.runner", "pixel_level_results", "segmentation"),
 ]
 
 
@@ -267,10 +266,10 @@ def timed_evaluation(config, clock: StageClock | None = None) -> tuple[float, st
                 patched.append((module, attribute, getattr(module, attribute)))
                 setattr(module, attribute, clock.timed(label, getattr(module, attribute),
                                                        counts_subjects=label is _embed_label))
-        runner = importlib.import_module("rafmedia.evaluate.runner")
-        create = runner.create_alteration
-        patched.append((runner, "create_alteration", create))
-        runner.create_alteration = lambda *args, **kwargs: _TimedAlteration(create(*args, **kwargs), clock)
+        embed = importlib.import_module("rafmedia.evaluate.embed")  # where the altered embeddings are drawn
+        create = embed.create_alteration
+        patched.append((embed, "create_alteration", create))
+        embed.create_alteration = lambda *args, **kwargs: _TimedAlteration(create(*args, **kwargs), clock)
     began = time.perf_counter()
     try:
         run_evaluation(config, progress=False)
@@ -285,7 +284,7 @@ def timed_evaluation(config, clock: StageClock | None = None) -> tuple[float, st
 
 
 def evaluate_config(store_path: Path, encoder_path: Path, *, quick: bool, alterations: list[str]):
-    from rafmedia.evaluate.runner import EvaluateConfig
+    from rafmedia.evaluate.config import EvaluateConfig
 
     severities = [1, 3] if quick else [1, 2, 3, 4, 5]
     if quick:

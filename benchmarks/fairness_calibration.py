@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
-from rafmedia.evaluate.runner import EvaluateConfig, run_evaluation
+from rafmedia.evaluate.config import EvaluateConfig
+from rafmedia.evaluate.runner import run_evaluation
 from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.synth import CohortConfig, SiteProfile, generate_cohort
 

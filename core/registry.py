@@ -5,6 +5,7 @@ registry by name and never branches on names itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from typing import Any, Callable, Generic, Iterable, TypeVar
@@ -45,7 +46,11 @@ class Registry(Generic[T]):
 
     def register(self, name: str, **tags: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Registers a factory under `name`; `tags` are facts other code may ask without building it
-        (e.g. an encoder's `family="vit"`, a task's `encoder_families=("vit",)`)."""
+        (e.g. an encoder's `family="vit"`, a task's `encoder_families=("vit",)`).
+
+        One tag is read here: a factory that passes its `**kwargs` on to a dataclass names it with
+        `options_from=ThatDataclass`, and its options are then its own keyword names plus that dataclass's fields
+        (a factory taking `**kwargs` without the tag takes anything)."""
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             assert name not in self._factories, f"{self.kind} '{name}' is registered twice"
             self._factories[name] = factory
@@ -53,6 +58,11 @@ class Registry(Generic[T]):
             return factory
 
         return decorator
+
+    def unregister(self, name: str) -> None:
+        """Removes `name` (a plugin unloaded, a test's temporary entry); an unknown name is a `UserError`."""
+        self.get(name)
+        del self._factories[name], self._tags[name]
 
     def tags(self, name: str) -> dict[str, Any]:
         """The tags `name` was registered with (an unknown name is a `UserError`)."""
@@ -70,7 +80,7 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs) -> T:
         """Builds the named component; an option the factory does not take is a `UserError`."""
         factory = self.get(name)
-        accepted = _keyword_names(factory)
+        accepted = self.options(name)
         if accepted is not None:
             for key in kwargs:
                 if key not in accepted:
@@ -78,13 +88,26 @@ class Registry(Generic[T]):
                                     f"(options: {', '.join(sorted(accepted)) or 'none'})")
         return factory(**kwargs)
 
+    def accepts(self, name: str, option: str) -> bool:
+        """Whether the factory of `name` takes the keyword `option` (see `options`)."""
+        accepted = self.options(name)
+        return accepted is None or option in accepted
+
+    def options(self, name: str) -> set[str] | None:
+        """The option names the factory of `name` takes (see `register`), or None when it takes any."""
+        return _keyword_names(self.get(name), self._tags[name].get("options_from"))
+
     def __contains__(self, name: str) -> bool:
         return name in self._factories
 
 
-def _keyword_names(factory: Callable) -> set[str] | None:
-    """Names a factory accepts as keywords, or None if it takes **kwargs (anything goes)."""
+def _keyword_names(factory: Callable, options_from: type | None = None) -> set[str] | None:
+    """Names a factory accepts as keywords; when it takes **kwargs, those plus the fields of the dataclass
+    `options_from` it passes them to, or None without one (anything goes)."""
     parameters = inspect.signature(factory).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return named
+    if options_from is None:
         return None
-    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named | {field.name for field in dataclasses.fields(options_from) if field.init}

@@ -1,9 +1,10 @@
-"""An on-disk cache of embeddings keyed by (encoder digest, cohort, subject, alteration, severity).
+"""An on-disk cache of embeddings keyed by (encoder digest, cohort, subject, alteration, severity, seed).
 
 Embedding a cohort under every alteration and severity is the slow part of an evaluation; the cache makes a
 re-run (another probe, another metric, a crashed job resumed) compute only what is new. The encoder digest
 (`evaluate.encoders.load_any_encoder` -> `info["digest"]`) hashes the weights bytes, so retrained or changed
-weights never hit stale entries.
+weights never hit stale entries; the seed is the alteration's (`shards.alterations.alteration_seed`, 0 for clean
+embeddings), so embeddings drawn with other random alterations are never served.
 
 Layout on disk (zarr v3)::
 
@@ -11,13 +12,14 @@ Layout on disk (zarr v3)::
       zarr.json                        root group; attrs: format
       <digest>/<cohort>/               one group per encoder and cohort (cohort name percent-encoded)
         <batch id>                     one (n, D) float32/float64 array per `put_many` call;
-                                       attrs: keys [[subject, alteration, severity], ...], created_ns
+                                       attrs: keys [[subject, alteration, severity, seed], ...], created_ns
       .staging/                        a group of batches being written; never read
 
 Every batch is written completely into `.staging/` and then renamed into its cohort group, so a process
 killed mid-write leaves only a staged batch that no reader looks at: a key is either fully there or missing.
 Staged entries untouched for six hours (killed writers' leftovers) are removed by the next writer.
-When a key was written twice, the newest batch wins.
+When a key was written twice, the newest batch wins. Batches written before keys had a seed hold
+[subject, alteration, severity]: their clean embeddings (seed 0) are still served, their altered ones never are.
 """
 from __future__ import annotations
 
@@ -44,14 +46,19 @@ ROWS_PER_CHUNK = 4096
 STORED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+LEGACY_SEED = -1  # the seed of altered embeddings stored before keys had one: no key asks for it
+
+
 class CacheKey(NamedTuple):
-    """One cached embedding: which encoder, cohort and subject, under which alteration ("clean") and severity."""
+    """One cached embedding: which encoder, cohort and subject, under which alteration ("clean"), severity and
+    alteration seed."""
 
     digest: str
     cohort: str
     subject: str
     alteration: str = CLEAN
     severity: int = 0
+    seed: int = 0
 
 
 def as_key(key: Sequence[Any]) -> CacheKey:
@@ -59,7 +66,7 @@ def as_key(key: Sequence[Any]) -> CacheKey:
     try:
         key = CacheKey(*key)
     except TypeError:
-        raise UserError(f"a cache key is (digest, cohort, subject, alteration, severity), got {key!r}") from None
+        raise UserError(f"a cache key is (digest, cohort, subject, alteration, severity, seed), got {key!r}") from None
     for name in ("digest", "cohort", "subject", "alteration"):
         if not isinstance(getattr(key, name), str) or not getattr(key, name):
             raise UserError(f"cache key {tuple(key)}: {name} must be a non-empty string")
@@ -71,7 +78,9 @@ def as_key(key: Sequence[Any]) -> CacheKey:
         raise UserError(f"cache key {tuple(key)}: severity must be an int 0..{MAX_SEVERITY}, got {key.severity!r}")
     if key.alteration == CLEAN and key.severity != 0:
         raise UserError(f"cache key {tuple(key)}: '{CLEAN}' has severity 0, got {key.severity}")
-    return key._replace(severity=int(key.severity))
+    if isinstance(key.seed, bool) or not isinstance(key.seed, (int, np.integer)) or key.seed < 0:
+        raise UserError(f"cache key {tuple(key)}: seed must be an int >= 0 (the alteration's seed), got {key.seed!r}")
+    return key._replace(severity=int(key.severity), seed=int(key.seed))
 
 
 class EmbeddingCache:
@@ -89,8 +98,8 @@ class EmbeddingCache:
             raise UserError(f"{self.path} exists and is not an embedding cache; choose another cache path")
         else:
             self._make_group(self.path, {"format": CACHE_FORMAT})
-        # (digest, cohort) -> {(subject, alteration, severity): (created_ns, batch id, row)}; batches never change
-        self._index: dict[tuple[str, str], dict[tuple[str, str, int], tuple[int, str, int]]] = {}
+        # (digest, cohort) -> {(subject, alteration, severity, seed): (created_ns, batch id, row)}; batches never change
+        self._index: dict[tuple[str, str], dict[tuple[str, str, int, int], tuple[int, str, int]]] = {}
         self._seen_batches: dict[tuple[str, str], set[str]] = {}
 
     # ---- reading --------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ class EmbeddingCache:
     def _refreshed_indexes(self, keys: list[CacheKey]) -> dict[tuple[str, str], dict]:
         return {group: self._refreshed(*group) for group in dict.fromkeys(key[:2] for key in keys)}
 
-    def _refreshed(self, digest: str, cohort: str) -> dict[tuple[str, str, int], tuple[int, str, int]]:
+    def _refreshed(self, digest: str, cohort: str) -> dict[tuple[str, str, int, int], tuple[int, str, int]]:
         """The index of one (digest, cohort), after reading any batch published since the last look."""
         index = self._index.setdefault((digest, cohort), {})
         seen = self._seen_batches.setdefault((digest, cohort), set())
@@ -133,8 +142,8 @@ class EmbeddingCache:
             seen.add(entry.name)
             attrs = zarr.open_array(entry.path, mode="r").attrs
             created = int(attrs["created_ns"])
-            for row, (subject, alteration, severity) in enumerate(attrs["keys"]):
-                key = (subject, alteration, int(severity))
+            for row, stored in enumerate(attrs["keys"]):
+                key = stored_key(stored)
                 if key not in index or index[key][:2] < (created, entry.name):  # the newest batch wins
                     index[key] = (created, entry.name, row)
         return index
@@ -170,7 +179,8 @@ class EmbeddingCache:
         try:
             array = zarr.create_array(str(staged), shape=vectors_ND.shape, dtype=vectors_ND.dtype, zarr_format=3,
                                       chunks=(min(len(vectors_ND), ROWS_PER_CHUNK), vectors_ND.shape[1]),
-                                      attributes={"keys": [[k.subject, k.alteration, k.severity] for k in batch],
+                                      attributes={"keys": [[k.subject, k.alteration, k.severity, k.seed]
+                                                           for k in batch],
                                                   "created_ns": time.time_ns()})
             array[...] = vectors_ND
             os.rename(staged, group / name)  # the publish step: before it the batch is invisible
@@ -205,6 +215,15 @@ class EmbeddingCache:
     def _group_path(self, digest: str, cohort: str) -> Path:
         # Percent-encode the cohort (and its dots, so '..' or a hidden name cannot occur) into one folder name.
         return self.path / digest / quote(cohort, safe="").replace(".", "%2E")
+
+
+def stored_key(stored: Sequence[Any]) -> tuple[str, str, int, int]:
+    """(subject, alteration, severity, seed) of a key as a batch stores it; a key stored without a seed (older
+    caches) is clean with seed 0, or altered with `LEGACY_SEED`."""
+    subject, alteration, severity, *seed = stored
+    if not seed:
+        seed = [0 if alteration == CLEAN else LEGACY_SEED]
+    return subject, alteration, int(severity), int(seed[0])
 
 
 def remove_stale_staging(staging: Path, max_age_s: float = STALE_STAGING_S) -> int:

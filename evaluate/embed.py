@@ -11,20 +11,27 @@ Three entry points share one preprocessing, [alteration ->] per-volume z-score -
 The last two draw the alteration of subject i from a generator seeded with `seed * 1_000_003 + i`, i.e. exactly
 what `extract_embeddings(..., batch_size=1)` draws, whatever the batch size, the rank or the other subjects.
 On CUDA they run the encoder under bf16 autocast (`amp=None` means on for CUDA, off on the CPU).
+
+`Embedder` is what an evaluation cell calls: one cohort's subjects through the per-subject embedding cache, each
+rank embedding its share.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from monai.inferers import SlidingWindowSplitter
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import unknown_name_error
 from rafmedia.engine.distributed import gather_objects
-from rafmedia.shards.alterations import Alteration
+from rafmedia.evaluate.cache import CLEAN, CacheKey, EmbeddingCache, cached_embeddings
+from rafmedia.shards.alterations import Alteration, alteration_seed, create_alteration
 from rafmedia.shards.volumes import normalize_intensity
 
 PATCH_POOLINGS = ("mean", "max")
@@ -118,16 +125,12 @@ def shared_by_rank(count: int, compute: Callable[[list[int]], np.ndarray]) -> np
 
 # ---- internals --------------------------------------------------------------------------------------
 def _rank_and_world_size() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _patch_grid(patch_size, overlap: float, pooling: str, pad_mode: str):
-    from monai.inferers import SlidingWindowSplitter
-
     if pooling not in PATCH_POOLINGS:
         raise unknown_name_error("patch pooling", pooling, PATCH_POOLINGS)
     sizes = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(size) for size in patch_size)
@@ -219,3 +222,51 @@ def embedding_stability(clean_ND: np.ndarray, altered_ND: np.ndarray) -> dict[st
     spread = np.linalg.norm(clean_ND - clean_ND.mean(axis=0), axis=1).mean()
     drift = np.linalg.norm(altered_ND - clean_ND, axis=1).mean() / max(spread, 1e-12)
     return {"cosine": float(cosine.mean()), "drift": float(drift)}
+
+
+@dataclass
+class Embedder:
+    """Embeddings of one cohort's subjects through the per-subject cache (when there is one): a killed or repeated
+    evaluation embeds only the (model, subject, alteration, severity, seed) it has not embedded yet. An altered
+    embedding draws from the alteration's own seed (`alteration_seed`), which is part of its cache key.
+
+    Args:
+        volumes_NCDHW: the cohort's raw volumes, in manifest order.
+        subject_ids: their subject ids, in the same order.
+        cohort_digest: the cohort's digest (cache keys of one cohort).
+        batch_size: subjects per encoder call.
+        patch_size: > 0: embed each volume as the mean of a grid of patches of this side.
+        cache: the embedding cache, or None to embed everything.
+    """
+
+    volumes_NCDHW: torch.Tensor
+    subject_ids: list[str]
+    cohort_digest: str
+    batch_size: int = 16
+    patch_size: int = 0
+    cache: EmbeddingCache | None = None
+
+    def __call__(self, model: torch.nn.Module, model_digest: str, indices: np.ndarray, *, alteration: str = CLEAN,
+                 severity: int = 0) -> np.ndarray:
+        """Embeddings of subjects `indices` (rows of the cohort), in that order; across ranks, each embeds a share."""
+        indices = np.asarray(indices)
+        seed = 0 if alteration == CLEAN else alteration_seed(alteration, severity)
+        return shared_by_rank(len(indices), lambda rows: self._embed(model, model_digest, indices[rows],
+                                                                     alteration=alteration, severity=severity,
+                                                                     seed=seed))
+
+    def _embed(self, model, model_digest: str, indices: np.ndarray, *, alteration: str, severity: int,
+               seed: int) -> np.ndarray:
+        def compute(keys: list[CacheKey]) -> np.ndarray:
+            wanted = [position[key.subject] for key in keys]
+            altered = None if alteration == CLEAN else create_alteration(alteration, severity=severity)
+            return embed_subjects(model, self.volumes_NCDHW, wanted, batch_size=self.batch_size, alteration=altered,
+                                  seed=seed, patch_size=self.patch_size or None)
+
+        subject_ids = [self.subject_ids[i] for i in indices]
+        position = {subject: int(i) for subject, i in zip(subject_ids, indices)}
+        if self.cache is None:
+            return compute([CacheKey(model_digest, "", subject) for subject in subject_ids])
+        keys = [CacheKey(model_digest, self.cohort_digest, subject, alteration, severity, seed)
+                for subject in subject_ids]
+        return cached_embeddings(self.cache, keys, compute)

@@ -35,10 +35,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from monai.networks import nets
+from safetensors.torch import load_file
 from torch import nn
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import Registry, did_you_mean, unknown_name_error
+from rafmedia.engine.encoders.transformers import Timm2dSlices
+from rafmedia.engine.export import card_path, load_encoder
 
 LOADER_OPTIONS = ("input_shape", "output_index", "feature_pool", "state_dict_key")
 FEATURE_POOLS = ("mean", "max")
@@ -130,8 +134,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
 @ENCODER_SOURCES.register("rafmedia")
 def create_rafmedia_source(target: str, *, options: dict) -> BuiltEncoder:
     """An encoder exported by `raf pretrain`: safetensors weights plus the model card naming its architecture."""
-    from rafmedia.engine.export import card_path, load_encoder
-
     if options:
         warnings.warn(f"options {sorted(options)} are ignored for the exported encoder {target}: its model card "
                       "fixes the architecture", stacklevel=3)
@@ -143,8 +145,6 @@ def create_rafmedia_source(target: str, *, options: dict) -> BuiltEncoder:
 @ENCODER_SOURCES.register("timm")
 def create_timm_source(target: str, *, options: dict) -> BuiltEncoder:
     """A timm 2D model applied to every slice through the project's `timm2d_slices` adapter (`Timm2dSlices`)."""
-    from rafmedia.engine.encoders.transformers import Timm2dSlices
-
     options = dict(options)
     if "in_chans" in options:  # timm's name for it; the adapter multiplies it by 2 * neighbours + 1 itself
         options.setdefault("in_channels", options.pop("in_chans"))
@@ -163,8 +163,6 @@ def create_timm_source(target: str, *, options: dict) -> BuiltEncoder:
 @ENCODER_SOURCES.register("monai")
 def create_monai_source(target: str, *, options: dict) -> BuiltEncoder:
     """A network of `monai.networks.nets` by class or function name, called with `options`."""
-    from monai.networks import nets
-
     names = [name for name in dir(nets) if not name.startswith("_") and callable(getattr(nets, name))]
     if target not in names:
         raise unknown_name_error("MONAI network", target, names)
@@ -236,8 +234,6 @@ def read_state_dict(path: str | Path, *, entry: str | None = None) -> tuple[dict
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if _is_safetensors(path):
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path)), None
         except Exception as error:  # safetensors raises its own error type for a damaged or foreign file

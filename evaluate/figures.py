@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rafmedia.core.render import colormap, png, subplots
+from rafmedia.evaluate.report_format import fairness_metrics
 
 
 def _floats(values: Any) -> np.ndarray:
@@ -129,13 +130,16 @@ def group_bars(report: dict[str, Any], attribute: str, metric: str) -> tuple[dic
 
 
 def group_figure(report: dict[str, Any], attribute: str) -> bytes:
-    groups = list(next(iter(report["encoders"].values()))["fairness"][attribute]["groups"])
-    fig, axes = subplots(1, 2, figsize=(10, 3.2))
-    for ax, metric in zip(axes, ("accuracy", "auroc")):
+    """One panel per group metric of the grouping (accuracy, AUROC, ... as the evaluation listed them)."""
+    result = next(iter(report["encoders"].values()))["fairness"][attribute]
+    groups, metrics = list(result["groups"]), fairness_metrics(result)
+    fig, axes = subplots(1, len(metrics), figsize=(5 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         values, errors, what = group_bars(report, attribute, metric)
         _bars(ax, groups, values, errors, ylabel=metric)
         ax.set_title(f"{metric} by {attribute} ({what})", fontsize=9)
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
     return png(fig)
 
 

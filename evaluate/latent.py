@@ -1,14 +1,45 @@
-"""Label-free latent-space bias tests on clean embeddings: Frechet distances between subgroups, attribute
-leakage, site clustering (silhouette), distance-based out-of-distribution scores and collapse (RankMe)."""
+"""Label-free latent-space bias tests on clean embeddings, behind one registry, and the latent stage of an
+evaluation cell: Frechet distances between subgroups, attribute leakage, site clustering (silhouette),
+distance-based out-of-distribution scores and collapse (RankMe).
+
+A latent test is one registered function (`register_latent_test`):
+- scope "attribute": `fn(emb_ND, groups_N, *, seed)`, run once per `evaluate.group_by` attribute;
+- scope "cohort": `fn(emb_ND, *, seed, split)`, run once, `split` = (train indices, test indices) of the first
+  replicate.
+It returns a number (shown under its `title`) or a dict (shown through `columns(result) -> {title: value}`, or
+as a table of its own for a cohort test). The stage writes every result, and a "summary" of what the report and
+the leaderboard show, so a new test reaches report.json, report.html, report.md and the leaderboard with no
+other edit.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
+from sklearn.neighbors import NearestNeighbors
 
 from rafmedia.core.errors import UserError
+from rafmedia.core.registry import Registry
 from rafmedia.evaluate.metrics import compute_auroc, frechet_distance, rankme
 from rafmedia.evaluate.probes import attribute_leakage_auroc
+
+LATENT_TESTS = Registry("latent test")
+SCOPES = ("attribute", "cohort")
+
+
+def register_latent_test(name: str, *, scope: str, title: str | None = None,
+                         columns: Callable[[dict[str, Any]], dict[str, Any]] | None = None, note: str = ""):
+    """Registers a latent test (module docstring) under `name`; `title` names a numeric result in the report,
+    `columns` turns a dict result into report columns, `note` explains a cohort test's own table."""
+    if scope not in SCOPES:
+        raise UserError(f"latent test '{name}': scope must be one of {SCOPES}, got '{scope}'")
+    return LATENT_TESTS.register(name, scope=scope, title=title or name, columns=columns, note=note)
+
+
+def list_latent_tests() -> list[str]:
+    return LATENT_TESTS.names()
 
 
 def standardize(emb_ND: np.ndarray) -> np.ndarray:
@@ -42,8 +73,6 @@ def site_silhouette(emb_ND: np.ndarray, groups_N: np.ndarray, *, metric: str = "
     num_groups = len(np.unique(groups_N))
     if num_groups < 2 or num_groups >= len(groups_N):
         return float("nan")
-    from sklearn.metrics import silhouette_score
-
     return float(silhouette_score(standardize(np.asarray(emb_ND, dtype=np.float64)), groups_N, metric=metric))
 
 
@@ -66,8 +95,6 @@ def knn_ood_score(train_emb_ND: np.ndarray, test_emb_MD: np.ndarray, k: int = 10
         `auroc` (test vs training statistics; 0.5 in distribution), the reference and the k used. Scores are
         NaN when the reference is 0 (all training embeddings identical).
     """
-    from sklearn.neighbors import NearestNeighbors
-
     train_emb_ND, test_emb_MD = np.asarray(train_emb_ND, dtype=np.float64), np.asarray(test_emb_MD, dtype=np.float64)
     if len(train_emb_ND) < 2 or len(test_emb_MD) < 1 or k < 1:
         raise UserError(f"knn_ood_score needs at least 2 training embeddings, 1 test embedding and k >= 1; got "
@@ -82,22 +109,99 @@ def knn_ood_score(train_emb_ND: np.ndarray, test_emb_MD: np.ndarray, k: int = 10
     is_test = np.r_[np.zeros(len(train_stat_N)), np.ones(len(test_stat_M))]
     summary = {"mean": float(np.mean(scores_M)), "median": float(np.median(scores_M)),
                "exceed_rate": float(np.mean(test_stat_M > np.quantile(train_stat_N, 0.95))),
-               "auroc": compute_auroc(np.r_[train_stat_N, test_stat_M], is_test),
+               "auroc": compute_auroc(y_true=is_test, y_score=np.r_[train_stat_N, test_stat_M]),
                "reference": reference, "k": k}
     return scores_M, summary
 
 
+# ---- the registered tests ---------------------------------------------------------------------------------------
+def farthest_group_columns(frechet: dict[str, Any]) -> dict[str, Any]:
+    """The group farthest from the others in embedding space and its mean Frechet distance to them."""
+    distances = [d for d in frechet["mean_to_others"].values() if d is not None and np.isfinite(d)]
+    return {"farthest group": frechet["farthest"], "its mean Frechet distance": max(distances) if distances else None}
+
+
+@register_latent_test("frechet", scope="attribute", columns=farthest_group_columns)
+def frechet_test(emb_ND: np.ndarray, groups_N: np.ndarray, *, seed: int) -> dict[str, Any]:
+    return frechet_matrix(emb_ND, groups_N)
+
+
+@register_latent_test("leakage_auroc", scope="attribute", title="leakage AUROC")
+def leakage_test(emb_ND: np.ndarray, groups_N: np.ndarray, *, seed: int) -> float:
+    return attribute_leakage_auroc(emb_ND, groups_N, seed=seed)
+
+
+@register_latent_test("silhouette", scope="attribute")
+def silhouette_test(emb_ND: np.ndarray, groups_N: np.ndarray, *, seed: int) -> float:
+    return site_silhouette(emb_ND, groups_N)
+
+
+@register_latent_test("rankme", scope="cohort", title="RankMe")
+def rankme_test(emb_ND: np.ndarray, *, seed: int, split: tuple[np.ndarray, np.ndarray]) -> float:
+    return rankme(emb_ND)
+
+
+@register_latent_test("knn_ood", scope="cohort", title="k-NN out-of-distribution scores (test vs training scans)",
+                      note="Mean distance to the k nearest training embeddings over the training scans' own "
+                           "(left-out) mean: about 1 in distribution. AUROC test vs training about 0.5 in distribution.")
+def knn_ood_test(emb_ND: np.ndarray, *, seed: int, split: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    train_idx, test_idx = split
+    return knn_ood_score(emb_ND[np.asarray(train_idx)], emb_ND[np.asarray(test_idx)])[1]
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+def result_columns(name: str, result: Any) -> dict[str, Any]:
+    """What the report shows of one test's result: its number under its title, or its `columns`."""
+    tags = LATENT_TESTS.tags(name)
+    if isinstance(result, dict):
+        return tags["columns"](result) if tags["columns"] is not None else {}
+    return {tags["title"]: result}
+
+
 def latent_results(emb_ND: np.ndarray, rows: list[dict[str, Any]], attributes: list[str], *, seed: int,
-                   ood_split: tuple[np.ndarray, np.ndarray] | None = None, ood_k: int = 10) -> dict[str, Any]:
-    """RankMe and, per attribute, Frechet distances, leakage AUROC and silhouette; with `ood_split=(train
-    indices, test indices)` also the `knn_ood_score` summary of the test scans against the train scans."""
-    out: dict[str, Any] = {"rankme": rankme(emb_ND), "embed_dim": int(emb_ND.shape[1])}
+                   split: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Every registered latent test on the clean embeddings: cohort tests once (under their name), attribute tests
+    per attribute (under `out[attribute][name]`); "summary" holds the report's columns per attribute, "tables" the
+    cohort tests shown as tables of their own, "projection" the 2-D PCA of the embeddings."""
+    out: dict[str, Any] = {"embed_dim": int(emb_ND.shape[1])}
+    cohort_columns: dict[str, Any] = {}
+    out["tables"] = {}
+    for name in LATENT_TESTS.names():
+        if LATENT_TESTS.tags(name)["scope"] == "cohort":
+            out[name] = LATENT_TESTS.get(name)(emb_ND, seed=seed, split=split)
+            if isinstance(out[name], dict) and LATENT_TESTS.tags(name)["columns"] is None:
+                out["tables"][name] = {"title": LATENT_TESTS.tags(name)["title"],
+                                       "note": LATENT_TESTS.tags(name)["note"]}
+            else:
+                cohort_columns.update(result_columns(name, out[name]))
+    out["summary"] = {}
     for attribute in attributes:
         groups = np.array([str(row[attribute]) for row in rows])
-        out[attribute] = {"frechet": frechet_matrix(emb_ND, groups),
-                          "leakage_auroc": attribute_leakage_auroc(emb_ND, groups, seed=seed),
-                          "silhouette": site_silhouette(emb_ND, groups)}
-    if ood_split is not None:
-        train_idx, test_idx = ood_split
-        out["knn_ood"] = knn_ood_score(emb_ND[np.asarray(train_idx)], emb_ND[np.asarray(test_idx)], k=ood_k)[1]
+        out[attribute] = {name: LATENT_TESTS.get(name)(emb_ND, groups, seed=seed) for name in LATENT_TESTS.names()
+                          if LATENT_TESTS.tags(name)["scope"] == "attribute"}
+        out["summary"][attribute] = {key: value for name, result in out[attribute].items()
+                                     for key, value in result_columns(name, result).items()}
+        out["summary"][attribute].update(cohort_columns)
+    out["projection"] = projection(emb_ND)
+    return out
+
+
+def projection(emb_ND: np.ndarray) -> dict[str, list[float]]:
+    """2-D PCA of the standardised clean embeddings, one point per subject in manifest order (for the report)."""
+    xy = PCA(n_components=2, random_state=0).fit_transform(standardize(emb_ND))
+    return {"x": xy[:, 0].round(5).tolist(), "y": xy[:, 1].round(5).tolist()}
+
+
+def headline(latent: dict[str, Any]) -> dict[str, float]:
+    """The leaderboard's latent columns: every numeric column of every test, per attribute for the attribute tests
+    ("leakage AUROC (site)"), once for the cohort tests ("RankMe")."""
+    out: dict[str, float] = {}
+    for name in LATENT_TESTS.names():
+        if LATENT_TESTS.tags(name)["scope"] == "cohort":
+            shown = {} if name in latent["tables"] else result_columns(name, latent[name])
+        else:
+            shown = {f"{title} ({attribute})": value for attribute in latent["summary"]
+                     for title, value in result_columns(name, latent[attribute][name]).items()}
+        out.update({title: value for title, value in shown.items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
     return out

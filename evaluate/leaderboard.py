@@ -1,4 +1,9 @@
-"""`raf leaderboard`: the encoders of one or more results stores ranked by RAF index, as Markdown, CSV and HTML."""
+"""`raf leaderboard`: the encoders of one or more results stores ranked by RAF index, as Markdown, CSV and HTML.
+
+The Markdown table (also printed) holds the ranking; the CSV and HTML tables add every headline number the cells
+carry (each group metric's gap per attribute, each probe's AUROC, the latent tests), so a newly registered metric,
+probe or latent test appears there with no edit here.
+"""
 from __future__ import annotations
 
 import csv
@@ -54,15 +59,16 @@ def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
         latest[(cell.encoder, cell.cohort)] = cell
     rows = [{"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source,
              "RAF": cell.result["raf"]["index"], "RAF 95% CI": cell.result["raf"].get("index_ci95"),
-             **{name: cell.result["raf"][name] for name in COMPONENTS}} for cell in latest.values()]
+             **{name: cell.result["raf"][name] for name in COMPONENTS}, "headline": cell.result.get("headline", {})}
+            for cell in latest.values()]
     cohorts = sorted({row["cohort"] for row in rows})
     if len(cohorts) > 1:
         for encoder in sorted({row["encoder"] for row in rows}):
             mine = [row for row in rows if row["encoder"] == encoder]
             if len(mine) == len(cohorts):
                 rows.append({"encoder": encoder, "cohort": "all cohorts (mean)", "source": mine[0]["source"],
-                             "RAF 95% CI": None, **{key: float(np.mean([row[key] for row in mine]))
-                                                    for key in ("RAF", *COMPONENTS)}})
+                             "RAF 95% CI": None, "headline": {}, **{key: float(np.mean([row[key] for row in mine]))
+                                                                    for key in ("RAF", *COMPONENTS)}})
     ranked = []
     for cohort in sorted({row["cohort"] for row in rows}, key=lambda c: (c.startswith("all cohorts"), c)):
         group = sorted((row for row in rows if row["cohort"] == cohort), key=lambda row: -_sortable(row["RAF"]))
@@ -74,8 +80,15 @@ def _sortable(value: float) -> float:
     return value if value is not None and np.isfinite(value) else -np.inf
 
 
+def headline_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every headline number the rows' cells carry, in the order they first appear."""
+    return list(dict.fromkeys(column for row in rows for column in row.get("headline", {})))
+
+
 def _cell_text(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
+    value = row["headline"].get(column) if column not in row else row.get(column)
+    if value is None:
+        return ""
     if column == "RAF 95% CI":
         return "" if not value else f"[{value[0]:.3f}, {value[1]:.3f}]"
     if isinstance(value, float):
@@ -86,23 +99,26 @@ def _cell_text(row: dict[str, Any], column: str) -> str:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell_text(row, column) for column in COLUMNS) + " |" for row in rows]
-    return "# RAF leaderboard\n\n" + "\n".join(lines) + f"\n\n{RAF_FORMULA}\n"
+    return ("# RAF leaderboard\n\n" + "\n".join(lines) + f"\n\n{RAF_FORMULA}\n\nEvery headline number of each cell "
+            "(gaps per group metric and attribute, probes, latent tests): leaderboard.csv and leaderboard.html.\n")
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([*COLUMNS[:4], "RAF CI low", "RAF CI high", *COLUMNS[5:]])
+    extra = headline_columns(rows)
+    writer.writerow([*COLUMNS[:4], "RAF CI low", "RAF CI high", *COLUMNS[5:], *extra])
     for row in rows:
         low, high = row.get("RAF 95% CI") or ("", "")
         writer.writerow([row["rank"], row["encoder"], row["cohort"], row["RAF"], low, high,
-                         *[row[column] for column in COLUMNS[5:]]])
+                         *[row[column] for column in COLUMNS[5:]], *[row["headline"].get(column, "") for column in extra]])
     return buffer.getvalue()
 
 
 def to_html(rows: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell_text(row, column))}</td>" for column in COLUMNS) + "</tr>"
+    columns = [*COLUMNS, *headline_columns(rows)]
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell_text(row, column))}</td>" for column in columns) + "</tr>"
                    for row in rows)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>RAF leaderboard</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"

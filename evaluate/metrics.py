@@ -11,10 +11,27 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import linalg, stats
 
+from rafmedia.core.errors import UserError
 
-def compute_auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve = Mann-Whitney U / (n_pos n_neg), ties counted half. NaN with one class."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+
+def _binary(y_true: Sequence[int], what: str) -> np.ndarray:
+    """`y_true` as a bool array; anything but 0/1 (or True/False) labels is refused, so that scores passed where
+    labels belong fail loudly instead of returning a silent NaN or a wrong number."""
+    labels = np.asarray(y_true)
+    values = np.unique(labels)
+    if labels.ndim != 1 or not np.isin(values, (0, 1)).all():
+        raise UserError(f"{what}: y_true must be one binary label (0/1) per item, got {labels.ndim}-d values "
+                        f"{values[:5].tolist()}{'...' if len(values) > 5 else ''}; pass keywords, e.g. "
+                        f"{what}(y_true=labels, y_score=scores)")
+    return labels.astype(bool)
+
+
+def compute_auroc(*, y_true: Sequence[int], y_score: Sequence[float]) -> float:
+    """Area under the ROC curve = Mann-Whitney U / (n_pos n_neg), ties counted half (scikit-learn's
+    `roc_auc_score(y_true, y_score)`). NaN with one class. Keyword-only: swapped arguments cannot pass unnoticed."""
+    labels, scores = _binary(y_true, "compute_auroc"), np.asarray(y_score, dtype=np.float64)
+    if scores.shape != labels.shape:
+        raise UserError(f"compute_auroc: y_score has shape {scores.shape} but y_true has {labels.shape}")
     num_pos, num_neg = int(labels.sum()), int((~labels).sum())
     if num_pos == 0 or num_neg == 0:
         return float("nan")
@@ -23,15 +40,17 @@ def compute_auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return float(u / (num_pos * num_neg))
 
 
-def compute_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    return float(np.mean(predictions == labels)) if len(labels) else float("nan")
+def compute_accuracy(*, y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Share of items whose prediction equals the label (scikit-learn's `accuracy_score`); NaN with no items."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean(y_pred == y_true)) if len(y_true) else float("nan")
 
 
-def compute_balanced_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    """Mean recall over the classes present (MedMNIST-C scores 1 - balanced accuracy)."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    recalls = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
+def compute_balanced_accuracy(*, y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Mean recall over the classes present in `y_true` (scikit-learn's `balanced_accuracy_score`; MedMNIST-C
+    scores 1 - balanced accuracy)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    recalls = [np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
@@ -45,19 +64,6 @@ def bootstrap_ci(metric: Callable[[np.ndarray], float], num_items: int, *, seed:
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
-
-
-def summarize_groups(values: dict[str, float]) -> dict[str, float | str | None]:
-    """Fairness summary over per-group values: gap = max - min, ratio = min / max, std, worst group = argmin."""
-    finite = {group: value for group, value in values.items() if np.isfinite(value)}
-    if not finite:
-        return {"gap": float("nan"), "ratio": float("nan"), "std": float("nan"), "worst_group": None,
-                "worst": float("nan"), "best_group": None}
-    worst, best = min(finite, key=finite.get), max(finite, key=finite.get)
-    array = np.array(list(finite.values()))
-    return {"gap": float(array.max() - array.min()),
-            "ratio": float(array.min() / array.max()) if array.max() > 0 else float("nan"),
-            "std": float(array.std()), "worst_group": worst, "worst": finite[worst], "best_group": best}
 
 
 def frechet_distance(emb_x_ND: np.ndarray, emb_y_MD: np.ndarray) -> float:

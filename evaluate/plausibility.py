@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from rafmedia.core.errors import UserError
@@ -131,8 +132,6 @@ def shape_prior_error(shape_prior, masks_NDHW, *, batch_size: int = 8) -> np.nda
     Returns:
         (N,) float64 errors.
     """
-    import torch
-
     masks = torch.as_tensor(np.asarray(masks_NDHW)).long()
     if masks.ndim != 4:
         raise UserError(f"masks must be label maps (N, D, H, W), got shape {tuple(masks.shape)}")

@@ -14,6 +14,12 @@ from typing import Sequence
 
 import numpy as np
 from scipy import stats
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import Registry, unknown_name_error
@@ -29,6 +35,12 @@ def create_probe(name: str, **options):
 
 def list_probes() -> list[str]:
     return PROBES.names()
+
+
+def categorical_probes() -> list[str]:
+    """The probes registered for categorical (binary) targets, `targets="categorical"`: what an evaluation can
+    use as its primary probe, and scores on the primary target."""
+    return [name for name in PROBES.names() if PROBES.tags(name).get("targets") == "categorical"]
 
 
 def _check_classes(labels_N: np.ndarray) -> np.ndarray:
@@ -56,8 +68,6 @@ def _class_scores(probabilities_NC: np.ndarray) -> np.ndarray:
 
 def _grid_search(pipeline, parameter: str, grid: Sequence, emb_ND, labels_N, *, folds: int, scoring: str, seed: int):
     """Refits `pipeline` on all data with the grid value of best stratified-CV score (first on ties)."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
     search = GridSearchCV(pipeline, {parameter: list(grid)}, scoring=scoring,
                           cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     return search.fit(emb_ND, labels_N).best_estimator_
@@ -72,10 +82,6 @@ class LogisticProbe:
     seed: int = 0
 
     def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> "LogisticProbe":
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         counts = _check_classes(labels_N)
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
         folds = _cv_folds(counts)
@@ -115,10 +121,6 @@ class KNNProbe:
     seed: int = 0
 
     def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> "KNNProbe":
-        from sklearn.neighbors import KNeighborsClassifier
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         counts = _check_classes(labels_N)
         # Brute force: exact neighbours for cosine, which the tree indexes do not support.
         pipeline = make_pipeline(StandardScaler(), KNeighborsClassifier(metric=self.metric, algorithm="brute"))
@@ -160,10 +162,6 @@ class LinearProbe:
     alpha_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
 
     def fit(self, emb_ND: np.ndarray, targets_N: np.ndarray) -> "LinearProbe":
-        from sklearn.linear_model import RidgeCV
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         targets_N = np.asarray(targets_N, dtype=np.float64)
         if not np.all(np.isfinite(targets_N)):
             raise UserError(f"the linear probe needs finite targets; {int((~np.isfinite(targets_N)).sum())} are "
@@ -296,12 +294,6 @@ def spearman(y_true: Sequence[float], y_score: Sequence[float]) -> float:
 
 def attribute_leakage_auroc(emb_ND: np.ndarray, attribute_N: np.ndarray, *, seed: int, folds: int = 5) -> float:
     """How well an attribute (site, sex) is predicted from embeddings: cross-validated one-vs-rest macro AUROC."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     values, codes = np.unique(attribute_N, return_inverse=True)
     folds = min(folds, int(np.bincount(codes).min()))
     if len(values) < 2 or folds < 2:

@@ -104,8 +104,8 @@ class RafInputs:
 def _components(inputs: RafInputs, idx: np.ndarray, chance: float) -> np.ndarray:
     """(P, R, F) of one replicate on its test subjects `idx`; R is NaN for a replicate without altered scores."""
     y = inputs.labels_N[idx]
-    clean = compute_auroc(inputs.clean_scores_N[idx], y)
-    by_alteration = {name: {s: compute_auroc(scores[idx], y) for s, scores in by_severity.items()}
+    clean = compute_auroc(y_true=y, y_score=inputs.clean_scores_N[idx])
+    by_alteration = {name: {s: compute_auroc(y_true=y, y_score=scores[idx]) for s, scores in by_severity.items()}
                      for name, by_severity in inputs.altered_scores.items()}
     correct = (inputs.clean_predictions_N[idx] == y).astype(np.float64)
     gaps = {attribute: group_gap(correct, labels[idx]) for attribute, labels in inputs.groups.items()}

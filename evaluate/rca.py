@@ -45,10 +45,12 @@ from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.neighbors import NearestNeighbors
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import Registry
-from rafmedia.evaluate.metrics import summarize_groups
+from rafmedia.evaluate.group_metrics import summarize_group_values
 
 REVERSE_CLASSIFIERS: Registry = Registry("reverse classifier")
 AGGREGATES = ("max", "top_k_mean")
@@ -163,8 +165,6 @@ class VoxelForestClassifier:
         return np.shape(image_DHW), voxel_features(image_DHW, self.smoothing_sigmas, self.gradient_sigma)
 
     def fit(self, prepared_test, pseudo_label_DHW: np.ndarray, *, rng: np.random.Generator) -> "VoxelForestClassifier":
-        from sklearn.ensemble import RandomForestClassifier
-
         _, features_VF = prepared_test
         labels_V = np.asarray(pseudo_label_DHW).reshape(-1)
         sample = balanced_voxel_sample(labels_V, self.voxels_per_class, rng)
@@ -354,8 +354,6 @@ def estimate_dice(test_images, test_predictions, reference_images, reference_lab
 def nearest_references(test_emb_ND: np.ndarray, reference_emb_MD: np.ndarray, num_neighbours: int) -> np.ndarray:
     """(N, k) indices of the k references nearest to each test case: cosine distance after centring both sets on
     the reference mean (so a shared offset, common in pooled encoder features, does not make all cases alike)."""
-    from sklearn.neighbors import NearestNeighbors
-
     test_emb_ND, reference_emb_MD = np.asarray(test_emb_ND, np.float64), np.asarray(reference_emb_MD, np.float64)
     if test_emb_ND.ndim != 2 or reference_emb_MD.ndim != 2 or test_emb_ND.shape[1] != reference_emb_MD.shape[1]:
         raise UserError(f"embeddings must be (N, D) and (M, D) with the same D, got {test_emb_ND.shape} and "
@@ -413,9 +411,10 @@ def estimated_gap(estimated_dice_N: np.ndarray, groups_N: Sequence) -> dict[str,
         key = str(group)
         means[key] = float(finite.mean()) if len(finite) else float("nan")
         sizes[key], undefined[key] = int(len(members)), int(len(members) - len(finite))
-    summary = summarize_groups(means)
+    summary = summarize_group_values(means)
+    worst = means[summary["worst_group"]] if summary["worst_group"] is not None else float("nan")
     return {"group_means": means, "group_sizes": sizes, "num_undefined": undefined, "gap": summary["gap"],
-            "worst_group": summary["worst_group"], "worst": summary["worst"], "best_group": summary["best_group"]}
+            "worst_group": summary["worst_group"], "worst": worst, "best_group": summary["best_group"]}
 
 
 # ---- validation: planted segmentation damage -------------------------------------------------------------------------

@@ -11,15 +11,14 @@ import html
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_bytes, atomic_write_text, read_json
 from rafmedia.core.render import bold, flag, format_interval, format_value, html_image, html_note, html_page, html_table
 from rafmedia.evaluate import figures
 from rafmedia.evaluate.figures import lookup
 from rafmedia.evaluate.raf import RAF_FORMULA
-from rafmedia.evaluate.report_format import mean_std, number, p_value_text, ser_text, share, with_interval
+from rafmedia.evaluate.report_format import (fairness_metrics, latent_columns, latent_tables, mean_std, number,
+                                             other_probes, p_value_text, ser_text, share, with_interval)
 from rafmedia.evaluate.report_md import render_markdown
 
 REPORT_JSON = "report.json"
@@ -77,27 +76,30 @@ def _few_shot_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def _probe_section(report: dict[str, Any]) -> str:
     encoders = report["encoders"]
-    with_knn = any("knn" in p for e in encoders.values() for p in e["probes"].values())
+    others = list(dict.fromkeys(name for e in encoders.values() for p in e["probes"].values() for name in other_probes(p)))
     rows = [[n, t, lookup(p, "auroc", "mean"), lookup(p, "auroc", "std"), lookup(p, "accuracy", "mean"),
-             lookup(p, "balanced_accuracy", "mean"), *([mean_std(lookup(p, "knn", "auroc"))] if with_knn else [])]
+             lookup(p, "balanced_accuracy", "mean"), *[mean_std(lookup(p, name, "auroc")) for name in others]]
             for n, e in encoders.items() for t, p in e["probes"].items() if "auroc" in p]
     ordinal = [[n, t, mean_std(p["quadratic_weighted_kappa"]), mean_std(p["spearman"])]
                for n, e in encoders.items() for t, p in e["probes"].items() if "quadratic_weighted_kappa" in p]
     parts = ["<h2>Scan-level probes (clean)</h2>",
              html_table(["encoder", "target", "AUROC mean", "AUROC std", "accuracy mean", "balanced acc.",
-                     *(["kNN AUROC (mean ± std)"] if with_knn else [])], rows),
+                         *[f"{name} AUROC (mean ± std)" for name in others]], rows),
              html_image(figures.probe_figure(report), "probe AUROC")]
+    if others:
+        parts.append(html_note(f"Other probes ({', '.join(others)}) are fitted on the primary target only, on the same "
+                               "splits; mean ± std over replicates."))
     if ordinal:
         parts += ["<h3>Ordinal targets</h3>",
                   html_table(["encoder", "target", "quadratic weighted kappa", "Spearman"], ordinal),
                   html_note("Ordinal probe (one logistic model per threshold); kappa of its predicted grade, Spearman "
-                        "correlation of its expected grade with the true grade; mean ± std over replicates.")]
+                            "correlation of its expected grade with the true grade; mean ± std over replicates.")]
     fractions, few_shot = _few_shot_rows(report)
     if few_shot:
         parts += ["<h3>Few-shot probes</h3>",
                   html_table(["encoder", "target", *[f"AUROC, {share(f)} of labels" for f in fractions]], few_shot),
-                  html_note("The probe is fitted on a stratified, nested subset of the training labels; mean ± std over "
-                        "replicates.")]
+                  html_note("The probe is fitted on a stratified, nested subset of the training labels; mean ± std "
+                            "over replicates.")]
     return "".join(parts)
 
 
@@ -122,76 +124,79 @@ def _robustness_section(report: dict[str, Any]) -> str:
               "(ImageNet-C / MedMNIST-C); mCE is their mean over alterations.")])
 
 
-def _group_row(name: str, group: str, g: dict[str, Any]) -> list[Any]:
+def _group_row(name: str, group: str, g: dict[str, Any], metrics: list[str]) -> list[Any]:
     replicate0 = g.get("first_replicate") or {}
-    ci = lookup(replicate0, "ci95", "accuracy")
     note = flag("small group") if g.get("small_group") else "-"
     n_test = g.get("n_test")
-    return [name, group, n_test if n_test is None else f"{n_test:.0f}", g.get("accuracy"), g.get("auroc"),
-            f"{format_value(replicate0.get('accuracy'))} {format_interval(ci)}", note]
+    return [name, group, n_test if n_test is None else f"{n_test:.0f}", *[g.get(metric) for metric in metrics],
+            *[f"{format_value(replicate0.get(metric))} {format_interval(lookup(replicate0, 'ci95', metric))}"
+              for metric in metrics], note]
 
 
-def _fairness_tests_row(name: str, tests: dict[str, Any]) -> list[Any]:
-    return [name, bold("replicate 0: gap (permutation p)"), "",
-            f"{format_value(tests.get('accuracy_gap'))} ({p_value_text(tests.get('accuracy_gap_p_value'))})",
-            f"{format_value(tests.get('auroc_gap'))} ({p_value_text(tests.get('auroc_gap_p_value'))})",
+def _fairness_rows(name: str, result: dict[str, Any], metrics: list[str]) -> list[list[Any]]:
+    """One row per group, then the gaps (means over replicates) and replicate 0's gaps with permutation p-values."""
+    rows = [_group_row(name, group, g, metrics) for group, g in result["groups"].items()]
+    rows.append([name, bold("gap / worst group"), "", *[
+        f"{format_value(lookup(result, metric, 'gap'))} / {format_value(lookup(result, metric, 'worst_group'))}"
+        for metric in metrics], *[""] * len(metrics), ""])
+    tests = result.get("first_replicate")
+    if tests:
+        rows.append([name, bold("replicate 0: gap (permutation p)"), "", *[""] * len(metrics), *[
+            f"{format_value(tests.get(f'{metric}_gap'))} ({p_value_text(tests.get(f'{metric}_gap_p_value'))})"
+            for metric in metrics],
             f"DP diff {format_value(tests.get('demographic_parity_difference'))} "
             f"({p_value_text(tests.get('demographic_parity_p_value'))}); EO diff "
-            f"{format_value(tests.get('equalized_odds_difference'))} ({p_value_text(tests.get('equalized_odds_p_value'))})", ""]
+            f"{format_value(tests.get('equalized_odds_difference'))} "
+            f"({p_value_text(tests.get('equalized_odds_p_value'))})"])
+    return rows
 
 
 def _fairness_section(report: dict[str, Any], attributes: list[str]) -> str:
     parts = ["<h2>Fairness</h2>"]
     for attribute in attributes:
-        rows = []
-        for name, entry in report["encoders"].items():
-            result = entry["fairness"][attribute]
-            rows += [_group_row(name, group, g) for group, g in result["groups"].items()]
-            rows.append([name, bold("gap / worst group"), "", *[
-                f"{format_value(lookup(result, metric, 'gap'))} / {format_value(lookup(result, metric, 'worst_group'))}"
-                for metric in ("accuracy", "auroc")], "", ""])
-            if result.get("first_replicate"):
-                rows.append(_fairness_tests_row(name, result["first_replicate"]))
+        results = {name: entry["fairness"][attribute] for name, entry in report["encoders"].items()}
+        metrics = list(dict.fromkeys(m for result in results.values() for m in fairness_metrics(result)))
+        rows = [row for name, result in results.items() for row in _fairness_rows(name, result, metrics)]
         parts += [f"<h3>by {html.escape(attribute)}</h3>",
-                  html_table(["encoder", "group", "n test", "accuracy (mean)", "AUROC (mean)",
-                          "accuracy, replicate 0 [bootstrap 95% CI]", "note"], rows),
+                  html_table(["encoder", "group", "n test", *[f"{metric} (mean)" for metric in metrics],
+                              *[f"{metric}, replicate 0 [bootstrap 95% CI]" for metric in metrics], "note"], rows),
                   html_image(figures.group_figure(report, attribute), f"groups by {attribute}")]
+    parts.append(html_note("Means over the replicates (split seeds) of each metric of the primary probe per group; "
+                           "gap = max - min over the groups, worst group the lowest (the highest for an error rate). "
+                           "Replicate 0 carries bootstrap 95% intervals and each gap's permutation p-value; DP diff = "
+                           "the selection-rate gap (demographic parity), EO diff = max(TPR gap, FPR gap) (equalised "
+                           "odds)."))
     return "".join(parts)
-
-
-def _farthest_distance(frechet: dict[str, Any] | None) -> float | None:
-    distances = [d for d in (lookup(frechet, "mean_to_others") or {}).values() if d is not None and np.isfinite(d)]
-    return max(distances) if distances else None
 
 
 def _latent_section(report: dict[str, Any], attributes: list[str]) -> str:
     encoders = report["encoders"]
-    rows = [[name, attribute, *[lookup(entry, "latent", attribute, key) for key in ("leakage_auroc", "silhouette")],
-             lookup(entry, "latent", attribute, "frechet", "farthest"),
-             _farthest_distance(lookup(entry, "latent", attribute, "frechet")), lookup(entry, "latent", "rankme")]
-            for name, entry in encoders.items() for attribute in attributes]
+    columns = {(name, attribute): latent_columns(entry["latent"], attribute)
+               for name, entry in encoders.items() for attribute in attributes}
+    titles = list(dict.fromkeys(title for shown in columns.values() for title in shown))
     parts = ["<h2>Label-free latent tests</h2>",
-             html_table(["encoder", "attribute", "leakage AUROC", "silhouette", "farthest group",
-                     "its mean Frechet distance", "RankMe"], rows),
-             html_note("Leakage AUROC: how well the attribute is predicted from embeddings (0.5 = not at all); a high site "
-                   "leakage means the encoder encodes acquisition, a bias the probes can exploit. Silhouette (in [-1, 1], "
-                   "about 0 = no clustering) of the standardised embeddings by the attribute's groups. Frechet distances "
-                   "are between the groups' standardised embeddings.")]
-    ood = {name: summary for name, entry in encoders.items()
-           if isinstance(summary := lookup(entry, "latent", "knn_ood"), dict)}
-    if ood:
-        keys = list(dict.fromkeys(key for summary in ood.values() for key in summary))
-        parts += ["<h3>k-NN out-of-distribution scores (test vs training scans)</h3>",
-                  html_table(["encoder", *keys], [[name, *map(summary.get, keys)] for name, summary in ood.items()]),
-                  html_note("Mean distance to the k nearest training embeddings over the training scans' own (left-out) "
-                        "mean: about 1 in distribution. AUROC test vs training about 0.5 in distribution.")]
+             html_table(["encoder", "attribute", *titles],
+                        [[name, attribute, *map(shown.get, titles)] for (name, attribute), shown in columns.items()]),
+             html_note("Leakage AUROC: how well the attribute is predicted from embeddings (0.5 = not at all); a high "
+                       "site leakage means the encoder encodes acquisition, a bias the probes can exploit. Silhouette "
+                       "(in [-1, 1], about 0 = no clustering) of the standardised embeddings by the attribute's groups. "
+                       "Frechet distances are between the groups' standardised embeddings.")]
+    tables = {test: table for entry in encoders.values() for test, table in latent_tables(entry["latent"]).items()}
+    for test, table in tables.items():
+        values = {name: summary for name, entry in encoders.items()
+                  if isinstance(summary := lookup(entry, "latent", test), dict)}
+        keys = list(dict.fromkeys(key for summary in values.values() for key in summary))
+        parts += [f"<h3>{html.escape(table['title'])}</h3>",
+                  html_table(["encoder", *keys], [[name, *map(summary.get, keys)] for name, summary in values.items()]),
+                  html_note(table["note"]) if table.get("note") else ""]
     if "site" in attributes:
         parts.append(html_image(figures.frechet_figure(report, "site"), "Frechet distances between sites"))
     projections = [html_image(figures.projection_figure(report, attribute), f"embedding projection by {attribute}")
                    for attribute in attributes]
     if any(projections):
         parts += ["<h3>2D projection of the embeddings</h3>", *projections,
-                  html_note("First two principal components of each encoder's clean embeddings, one point per subject.")]
+                  html_note("First two principal components of each encoder's clean embeddings, one point per "
+                            "subject.")]
     return "".join(parts)
 
 

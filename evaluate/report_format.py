@@ -1,12 +1,55 @@
-"""Report values as text, shared by the HTML report (`report.py`) and the Markdown summary (`report_md.py`).
+"""Report values, shared by the HTML report (`report.py`) and the Markdown summary (`report_md.py`): what a section
+lists (read from report.json, older layouts included) and how a value is written.
 
-report.json stores undefined values as null: every formatter writes them as "n/a" (`core.render.format_value`).
+The lists come from report.json itself (the metrics, probes and latent tests the evaluation registered and ran),
+never from the registries, so a report renders the same wherever it is opened. report.json stores undefined values
+as null: every formatter writes them as "n/a" (`core.render.format_value`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from rafmedia.core.render import format_interval, format_value
+
+LEGACY_FAIRNESS_METRICS = ("accuracy", "auroc")  # what report.json held before its groupings listed their metrics
+LEGACY_KNN_OOD = {"title": "k-NN out-of-distribution scores (test vs training scans)",
+                  "note": "Mean distance to the k nearest training embeddings over the training scans' own (left-out) "
+                          "mean: about 1 in distribution. AUROC test vs training about 0.5 in distribution."}
+
+
+# ---- what a section lists -------------------------------------------------------------------------------------
+def other_probes(probes: dict[str, Any]) -> list[str]:
+    """The probes scored beside the primary one on a target (kNN in report.json files that do not list them)."""
+    return list(probes.get("other_probes") or (["knn"] if isinstance(probes.get("knn"), dict) else []))
+
+
+def fairness_metrics(grouping: dict[str, Any]) -> list[str]:
+    """The group metrics of one grouping's fairness results, in the order the evaluation listed them."""
+    return list(grouping.get("metrics") or [m for m in LEGACY_FAIRNESS_METRICS if m in grouping])
+
+
+def latent_columns(latent: dict[str, Any], attribute: str) -> dict[str, Any]:
+    """The latent tests' report columns for one attribute ("summary"; rebuilt for older report.json files)."""
+    if isinstance(latent.get("summary"), dict):
+        return dict(latent["summary"].get(attribute) or {})
+    values = latent.get(attribute) or {}
+    distances = [d for d in ((values.get("frechet") or {}).get("mean_to_others") or {}).values()
+                 if d is not None and np.isfinite(d)]
+    return {"leakage AUROC": values.get("leakage_auroc"), "silhouette": values.get("silhouette"),
+            "farthest group": (values.get("frechet") or {}).get("farthest"),
+            "its mean Frechet distance": max(distances) if distances else None, "RankMe": latent.get("rankme")}
+
+
+def latent_tables(latent: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The cohort-wide latent tests shown as tables of their own: test name -> {"title", "note"}."""
+    if isinstance(latent.get("tables"), dict):
+        return dict(latent["tables"])
+    return {"knn_ood": LEGACY_KNN_OOD} if isinstance(latent.get("knn_ood"), dict) else {}
+
+
+# ---- values as text ---------------------------------------------------------------------------------------------
 
 
 def with_interval(values: dict[str, Any], key: str) -> str:

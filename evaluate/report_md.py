@@ -8,7 +8,8 @@ import numpy as np
 from rafmedia.core.render import format_value, markdown_table
 from rafmedia.evaluate.figures import lookup
 from rafmedia.evaluate.raf import RAF_FORMULA
-from rafmedia.evaluate.report_format import mean_std, number, ser_text, with_interval
+from rafmedia.evaluate.report_format import (fairness_metrics, latent_columns, mean_std, number, other_probes, ser_text,
+                                             with_interval)
 
 
 def _md_segmentation(encoders: dict[str, Any]) -> list[str]:
@@ -34,12 +35,46 @@ def _finite_mean(values: list[Any]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """A one-page summary: RAF with intervals and its formula, clean probes, worst groups and gaps, robustness
-    degradation, latent leakage and silhouette, and the segmentation headline when present."""
-    encoders = report["encoders"]
+def _gap_cell(result: dict[str, Any], metric: str) -> str:
+    """"mean gap, replicate 0's gap (p its permutation p-value)" of one metric of one grouping."""
+    tests = result.get("first_replicate") or {}
+    return (f"{format_value(lookup(result, metric, 'gap'))}, {format_value(tests.get(f'{metric}_gap'))} "
+            f"(p {format_value(tests.get(f'{metric}_gap_p_value'))})")
+
+
+def _md_fairness(report: dict[str, Any]) -> list[str]:
+    results = [(n, a, r) for n, e in report["encoders"].items() for a, r in e["fairness"].items()]
+    metrics = list(dict.fromkeys(m for _, _, r in results for m in fairness_metrics(r)))
+    return [f"## Fairness of the {report['config']['primary_target']} probe (gap between groups: mean over replicates, "
+            "replicate 0 with its permutation p)", "",
+            *markdown_table(["encoder", "grouping", *[f"{m} gap" for m in metrics], "worst group (accuracy)"],
+                            [[n, a, *[_gap_cell(r, m) for m in metrics], lookup(r, "accuracy", "worst_group")]
+                             for n, a, r in results])]
+
+
+def _md_probes(encoders: dict[str, Any], primary: str) -> list[str]:
     first = next(iter(encoders.values()))
     targets = [t for t, p in first["probes"].items() if "auroc" in p]  # ordinal targets have kappa instead
+    others = list(dict.fromkeys(o for e in encoders.values() for o in other_probes(e["probes"].get(primary) or {})))
+    return ["## Clean probes (AUROC, mean ± std over replicates)", "",
+            *markdown_table(["encoder", *targets, *[f"{o} ({primary})" for o in others]],
+                            [[n, *[mean_std(lookup(e, "probes", t, "auroc")) for t in targets],
+                              *[mean_std(lookup(e, "probes", primary, o, "auroc")) for o in others]]
+                             for n, e in encoders.items()])]
+
+
+def _md_latent(encoders: dict[str, Any], attributes: list[str]) -> list[str]:
+    columns = {(n, a): latent_columns(e["latent"], a) for n, e in encoders.items() for a in attributes}
+    titles = list(dict.fromkeys(title for shown in columns.values() for title in shown))
+    return ["## Latent tests", "", *markdown_table(["encoder", "attribute", *titles],
+                                                   [[n, a, *map(shown.get, titles)] for (n, a), shown in columns.items()])]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A one-page summary: RAF with intervals and its formula, clean probes, every group metric's gaps, robustness
+    degradation, the latent tests, and the segmentation headline when present."""
+    encoders = report["encoders"]
+    first = next(iter(encoders.values()))
     attributes = list(report["config"]["group_by"])
     alterations = [a for a in first["robustness"] if a != "clean"]
     summaries = any("robustness_summary" in e for e in encoders.values())
@@ -50,22 +85,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              *markdown_table(["encoder", "RAF", "performance", "robustness", "fairness"],
                         [[n, *[with_interval(e["raf"], k) for k in ("index", "performance", "robustness", "fairness")]]
                          for n, e in encoders.items()]),
-             RAF_FORMULA, "", "## Clean probes (AUROC, mean ± std over replicates)", "",
-             *markdown_table(["encoder", *targets], [[n, *[mean_std(lookup(e, "probes", t, "auroc")) for t in targets]]
-                                               for n, e in encoders.items()]),
-             f"## Fairness of the {report['config']['primary_target']} probe (accuracy)", "",
-             *markdown_table(["encoder", "grouping", "gap (mean)", "worst group", "replicate 0 gap", "p"],
-                        [[n, a, lookup(r, "accuracy", "gap"), lookup(r, "accuracy", "worst_group"),
-                          *[lookup(r, "first_replicate", key) for key in ("accuracy_gap", "accuracy_gap_p_value")]]
-                         for n, e in encoders.items() for a, r in e["fairness"].items()]),
+             RAF_FORMULA, "", *_md_probes(encoders, report["config"]["primary_target"]), *_md_fairness(report),
              "## Robustness (severity-weighted degradation; 0 = no skill lost)", "",
              *markdown_table(["encoder", *alterations, *(["mCE", "relative mCE"] if summaries else [])],
                         [[n, *[lookup(e, "robustness", a, "degradation") for a in alterations],
                           *([lookup(e, "robustness_summary", k) for k in ("mce", "relative_mce")] if summaries else [])]
                          for n, e in encoders.items()]),
-             "## Latent tests", "",
-             *markdown_table(["encoder", "attribute", "leakage AUROC", "silhouette"],
-                        [[n, a, lookup(e, "latent", a, "leakage_auroc"), lookup(e, "latent", a, "silhouette")]
-                         for n, e in encoders.items() for a in attributes]),
-             *_md_segmentation(encoders)]
+             *_md_latent(encoders, attributes), *_md_segmentation(encoders)]
     return "\n".join(lines)

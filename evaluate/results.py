@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 RESULTS_FILE = "results.sqlite"
 
 SCHEMA = """
@@ -127,8 +129,6 @@ def _cell(row: tuple) -> Cell:
 
 
 def jsonable(value: Any) -> Any:
-    import numpy as np
-
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -1,4 +1,8 @@
-"""Robustness summaries over per-severity metric arrays (pure functions: numpy in, floats and dicts out).
+"""The robustness stage of an evaluation cell, and the robustness summaries it uses.
+
+`robustness_results` scores the primary probe on altered test scans (every alteration x severity) and the
+embeddings' stability; `add_corruption_errors` adds CE / mCE against the random baseline once every encoder of a
+cohort is scored. The summaries below are pure functions (numpy in, floats and dicts out).
 
 Definitions (MISSION.md, "Where the numbers come from"):
 - corruption error CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} and relative CE (Hendrycks & Dietterich 2019,
@@ -10,12 +14,18 @@ altered embeddings) is `rafmedia.evaluate.embed.embedding_stability`; it is not 
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rafmedia.core.errors import UserError
-from rafmedia.evaluate.metrics import corruption_error, relative_corruption_error, severity_weights
+from rafmedia.evaluate import raf
+from rafmedia.evaluate.embed import embedding_stability
+from rafmedia.evaluate.metrics import (compute_auroc, compute_balanced_accuracy, corruption_error,
+                                       relative_corruption_error, severity_weights)
+from rafmedia.evaluate.scan_level import ProbeFit
+from rafmedia.shards.alterations import create_alteration
 
 
 def mean_corruption_error(ce_by_alteration: Mapping[str, float]) -> float:
@@ -83,3 +93,66 @@ def severity_weighted_degradation(clean_metric: float, metric_by_severity: Seque
             "degradation": absolute / clean_metric if clean_metric > 0 else float("nan"),
             "normalised": float(np.clip(absolute / (clean_metric - floor), 0.0, 1.0))
             if clean_metric > floor else float("nan")}
+
+
+def robustness_results(fit: ProbeFit, embed_altered: Callable[[str, int], np.ndarray], clean_emb_ND: np.ndarray,
+                       y: np.ndarray, *, alterations: Sequence[str], severities: Sequence[int], progress: bool,
+                       desc: str) -> tuple[dict[str, Any], dict[str, dict[int, np.ndarray]]]:
+    """Probe metrics and embedding stability under every alteration x severity, on the fit's test split.
+
+    The probe is the one fitted on clean train embeddings: alterations happen at test time only.
+    `embed_altered(name, severity)` embeds the test subjects under that alteration (drawn from its own seed,
+    `alteration_seed`). Returns the cell's "robustness" section and the altered scores (alteration -> severity ->
+    scores) the RAF index needs.
+    """
+    test_idx, y_test = fit.test_idx, y[fit.test_idx]
+    out = {"clean": {"auroc": compute_auroc(y_true=y_test, y_score=fit.scores),
+                     "balanced_accuracy": compute_balanced_accuracy(y_true=y_test, y_pred=fit.predictions)}}
+    altered_scores: dict[str, dict[int, np.ndarray]] = {}
+    jobs = [(name, severity) for name in alterations for severity in severities]
+    for name, severity in tqdm(jobs, desc=f"alter+embed {desc}", unit="level", disable=not progress):
+        altered = embed_altered(name, severity)
+        stability = embedding_stability(clean_emb_ND[test_idx], altered)
+        record = out.setdefault(name, {"severity": [], "parameter": [], "auroc": [], "balanced_accuracy": [],
+                                       "cosine": [], "drift": []})
+        record["severity"].append(severity)
+        record["parameter"].append(create_alteration(name, severity=severity).parameter)
+        scores = fit.probe.scores(altered)
+        altered_scores.setdefault(name, {})[severity] = scores
+        record["auroc"].append(compute_auroc(y_true=y_test, y_score=scores))
+        record["balanced_accuracy"].append(compute_balanced_accuracy(y_true=y_test, y_pred=fit.probe.predict(altered)))
+        record["cosine"].append(stability["cosine"])
+        record["drift"].append(stability["drift"])
+    for name, by_severity in altered_scores.items():
+        out[name]["degradation"] = raf.degradation(out["clean"]["auroc"], {
+            severity: compute_auroc(y_true=y_test, y_score=scores) for severity, scores in by_severity.items()})
+    return out, altered_scores
+
+
+def add_corruption_errors(results: dict[str, Any], *, baseline: str | None) -> None:
+    """CE and relative CE per alteration against the baseline entry, error = 1 - balanced accuracy (MedMNIST-C),
+    their means (mCE, relative mCE) in each entry's "robustness_summary". A sweep-level step: it needs every entry of
+    the cohort, so it is not part of a stored cell."""
+    if baseline is None:
+        return
+    base = results[baseline]["robustness"]
+    for entry in results.values():
+        robustness = entry["robustness"]
+        for name, record in robustness.items():
+            if name == "clean":
+                continue
+            errors = 1 - np.asarray(record["balanced_accuracy"])
+            base_errors = 1 - np.asarray(base[name]["balanced_accuracy"])
+            record["corruption_error"] = corruption_error(errors, base_errors)
+            record["relative_corruption_error"] = relative_corruption_error(
+                errors, 1 - robustness["clean"]["balanced_accuracy"], base_errors, 1 - base["clean"]["balanced_accuracy"])
+        records = [record for name, record in robustness.items() if name != "clean"]
+        if not records:  # evaluate.alterations=[]: nothing to summarise
+            entry["robustness_summary"] = {"mce": None, "relative_mce": None, "mean_degradation": None}
+            entry["baseline"] = baseline
+            continue
+        entry["robustness_summary"] = {  # ImageNet-C mCE / relative mCE: means over alterations
+            "mce": mean_corruption_error({i: r["corruption_error"] for i, r in enumerate(records)}),
+            "relative_mce": mean_corruption_error({i: r["relative_corruption_error"] for i, r in enumerate(records)}),
+            "mean_degradation": float(np.mean([r["degradation"] for r in records])) if records else float("nan")}
+        entry["baseline"] = baseline

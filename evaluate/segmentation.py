@@ -12,34 +12,22 @@ reported beside the estimates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from rafmedia.core.errors import UserError
-
-
-@dataclass
-class SegmentationConfig:
-    """`evaluate.segmentation`: off unless `enabled`; needs a label channel in the cohort."""
-
-    enabled: bool = False
-    channel: str = "label"
-    structures: dict[str, int] = field(default_factory=lambda: {"body": 1, "heart": 2, "liver": 3, "kidney": 4})
-    head_steps: int = 150
-    head_lr: float = 1e-2
-    nsd_tolerance_mm: float = 2.0
-    shape_prior: str = ""  # shape_prior.safetensors of a shape_prior_dae run: adds the reconstruction-error score
-    reference_cohort: str = ""  # a labelled store to train the head and draw RCA references from (see above)
-    rca_references: int = 8  # training subjects used as RCA's reference set (0: no RCA)
-    rca_method: str = "voxel_classifier"
-
-    def validate(self) -> None:
-        if self.enabled and not self.structures:
-            raise UserError("evaluate.segmentation.structures is empty: name the label values to score, "
-                            "e.g. {heart: 2, liver: 3}")
+from rafmedia.engine.tasks.shape import load_shape_prior
+from rafmedia.evaluate.cohort_data import CohortData, LabelledSet
+from rafmedia.evaluate.config import EvaluateConfig, SegmentationConfig
+from rafmedia.evaluate.fairness import segmentation_fairness
+from rafmedia.evaluate.metrics import bootstrap_ci
+from rafmedia.evaluate.plausibility import (error_threshold, plausibility_by_group, shape_prior_error, topology_norms,
+                                            topology_plausible)
+from rafmedia.evaluate.rca import estimate_dice, estimated_gap
+from rafmedia.evaluate.scan_level import ProbeFit
+from rafmedia.evaluate.segmentation_head import fit_segmentation_head, predict_masks
+from rafmedia.evaluate.segmentation_metrics import segmentation_metrics
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -53,23 +41,12 @@ def _group_means(values_N: np.ndarray, groups_N: np.ndarray) -> dict[str, float]
     return {str(g): float(np.nanmean(values_N[groups_N == g])) for g in np.unique(groups_N)}
 
 
-@dataclass
-class LabelledSet:
-    """Images (N, C, D, H, W) with label maps (N, D, H, W), or None for the maps of an unlabelled cohort."""
-
-    images: torch.Tensor
-    labels: np.ndarray | None
-
-
 def segmentation_results(encoder: torch.nn.Module, train: LabelledSet, test: LabelledSet,
                          groups: dict[str, np.ndarray], *, config: SegmentationConfig,
                          spacing: tuple[float, float, float], seed: int, bootstrap_resamples: int, permutations: int,
                          min_group_size: int) -> dict[str, Any]:
     """Everything the report's segmentation section shows, for one encoder (module docstring). `groups` label the
     test subjects."""
-    from rafmedia.evaluate.fairness import segmentation_fairness
-    from rafmedia.evaluate.plausibility import plausibility_by_group, topology_norms, topology_plausible
-    from rafmedia.evaluate.segmentation_head import fit_segmentation_head, predict_masks
 
     num_classes = int(train.labels.max()) + 1
     head = fit_segmentation_head(encoder, train.images, train.labels, num_classes=num_classes,
@@ -103,8 +80,6 @@ def segmentation_results(encoder: torch.nn.Module, train: LabelledSet, test: Lab
 
 def _true_scores(predictions, labels_NDHW, config, spacing, seed, bootstrap_resamples) -> dict[str, Any]:
     """Metrics Reloaded scores per structure (means, Dice with a subject-bootstrap CI) and each subject's mean Dice."""
-    from rafmedia.evaluate.metrics import bootstrap_ci
-    from rafmedia.evaluate.segmentation_metrics import segmentation_metrics
 
     per_case = [segmentation_metrics(pred, ref, labels=config.structures, spacing=spacing,
                                      nsd_tolerance_mm=config.nsd_tolerance_mm) for pred, ref in zip(predictions, labels_NDHW)]
@@ -121,8 +96,6 @@ def _true_scores(predictions, labels_NDHW, config, spacing, seed, bootstrap_resa
 
 def _shape_prior_plausibility(path: str, predictions, train_labels, topology_ok, groups) -> dict[str, Any]:
     """Plausible = within the topology norms and a reconstruction error at most the training masks' 95th centile."""
-    from rafmedia.engine.tasks.shape import load_shape_prior
-    from rafmedia.evaluate.plausibility import error_threshold, plausibility_by_group, shape_prior_error
 
     prior, _ = load_shape_prior(path)
     threshold = error_threshold(shape_prior_error(prior, train_labels))
@@ -136,7 +109,6 @@ def _shape_prior_plausibility(path: str, predictions, train_labels, topology_ok,
 def _rca(train: LabelledSet, test_images, predictions, true_dice_N, groups, *, config, seed) -> dict[str, Any]:
     """RCA's Dice estimate of every test prediction from `rca_references` labelled subjects; against the truth when
     the test subjects have labels."""
-    from rafmedia.evaluate.rca import estimate_dice, estimated_gap
 
     references = np.random.default_rng(seed).permutation(len(train.labels))[:config.rca_references]
     estimated = estimate_dice(test_images.numpy(), predictions, train.images.numpy()[references],
@@ -162,3 +134,20 @@ def _rca(train: LabelledSet, test_images, predictions, true_dice_N, groups, *, c
         out["sign_right"][name] = (out["worst_group"][name]["true"] == guess["worst_group"]
                                    if np.isfinite(true_gap) and true_gap > 0 else None)
     return out
+
+
+def pixel_level_results(model: torch.nn.Module, primary: ProbeFit, data: CohortData, config: EvaluateConfig, *,
+                        seed: int) -> dict[str, Any]:
+    """The segmentation stage: trained on the reference cohort and scored on every subject when there is one, else
+    trained and scored on the primary probe's split of the evaluated cohort."""
+    if data.reference is not None:
+        train, test_idx = data.reference, np.arange(len(data.rows))
+        test = LabelledSet(data.volumes, data.label_maps)
+    else:
+        train = LabelledSet(data.volumes[primary.train_idx], data.label_maps[primary.train_idx])
+        test_idx = primary.test_idx
+        test = LabelledSet(data.volumes[test_idx], data.label_maps[test_idx])
+    return segmentation_results(model, train, test, {name: labels[test_idx] for name, labels in data.groups.items()},
+                                config=config.segmentation, spacing=data.spacing, seed=seed,
+                                bootstrap_resamples=config.bootstrap_resamples, permutations=config.permutations,
+                                min_group_size=config.min_group_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 from torch import nn
 
 from rafmedia.core.errors import UserError
@@ -122,8 +123,6 @@ def fit_segmentation_head(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.n
     Returns:
         The trained head in eval mode, on the encoder's device.
     """
-    from monai.losses import DiceCELoss
-
     volumes = torch.as_tensor(volumes_NCDHW)
     features = encoder_features(encoder, volumes, batch_size=batch_size)
     labels = _check_labels(labels_NDHW, volumes, num_classes).to(features.device)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
 from rafmedia.core.errors import UserError
 
@@ -53,8 +54,6 @@ def _check_inputs(pred_DHW: np.ndarray, ref_DHW: np.ndarray, labels: dict[str, i
 def _monai_metrics(pred_KDHW: np.ndarray, ref_KDHW: np.ndarray, spacing: tuple[float, float, float],
                    nsd_tolerance_mm: float) -> dict[str, np.ndarray]:
     """Dice, HD95, NSD for K binary channels, every one non-empty in both maps."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
-
     pred = torch.from_numpy(pred_KDHW[None].astype(np.float32))
     ref = torch.from_numpy(ref_KDHW[None].astype(np.float32))
     with warnings.catch_warnings():

@@ -226,3 +226,20 @@ def test_a_folder_that_is_not_a_cache_is_refused(tmp_path):
     zarr.open_group(str(tmp_path / "store.zarr"), mode="w", zarr_format=3).attrs["format"] = "rafmedia.cohort/1"
     with pytest.raises(UserError, match="not an embedding cache"):
         EmbeddingCache(tmp_path / "store.zarr")
+
+
+def test_a_batch_stored_before_keys_had_a_seed_serves_its_clean_embeddings_only(tmp_path):
+    """Caches written by older versions hold [subject, alteration, severity]: their clean embeddings are still read
+    (seed 0), their altered ones were drawn with other seeds and must be embedded again."""
+    cache = EmbeddingCache(tmp_path / "cache.zarr")
+    group = tmp_path / "cache.zarr" / DIGEST / "cohort-a"
+    zarr.open_group(str(group.parent), mode="w", zarr_format=3)
+    zarr.open_group(str(group), mode="w", zarr_format=3)
+    vectors = np.arange(6.0).reshape(2, 3)
+    zarr.create_array(str(group / "old-batch"), data=vectors, zarr_format=3,
+                      attributes={"keys": [["sub-000", "clean", 0], ["sub-000", "gamma", 2]], "created_ns": 1})
+    clean, altered = CacheKey(DIGEST, "cohort-a", "sub-000"), CacheKey(DIGEST, "cohort-a", "sub-000", "gamma", 2, 7)
+    assert cache.missing([clean, altered]) == [altered]
+    np.testing.assert_array_equal(cache.get_many([clean])[clean], vectors[0])
+    with pytest.raises(UserError, match="seed must be an int >= 0"):
+        cache.missing([altered._replace(seed=-1)])

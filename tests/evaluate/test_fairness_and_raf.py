@@ -7,8 +7,9 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from rafmedia.core.errors import UserError
 from rafmedia.evaluate import raf
-from rafmedia.evaluate.fairness import group_labels
-from rafmedia.evaluate.runner import EvaluateConfig, ProbeFit, fairness_results
+from rafmedia.evaluate.fairness import fairness_results
+from rafmedia.evaluate.groups import group_labels
+from rafmedia.evaluate.scan_level import ProbeFit
 
 
 def test_per_group_metrics_match_sklearn_on_the_same_predictions():
@@ -21,9 +22,9 @@ def test_per_group_metrics_match_sklearn_on_the_same_predictions():
         test_idx = rng.permutation(n)[:60]
         scores = np.clip(y[test_idx] * 0.3 + rng.uniform(size=60), 0, 1)
         fits[(seed, "disease")] = ProbeFit(None, test_idx, np.array([]), scores, (scores > 0.5).astype(int))
-    config = EvaluateConfig(group_by=["site", "sex"], bootstrap_resamples=50, permutations=99, min_group_size=18)
-    groups = group_labels(rows, config.group_by, intersections=True)
-    result = fairness_results(fits, y, groups, config)
+    groups = group_labels(rows, ["site", "sex"], intersections=True)
+    result = fairness_results(list(fits.values()), y, groups, seed=0, num_resamples=50, num_permutations=99,
+                              min_group_size=18)
     assert set(result) == {"site", "sex", "site x sex"}
     groups = {**{attribute: np.array([row[attribute] for row in rows]) for attribute in ("site", "sex")},
               "site x sex": np.array([f"{row['site']} & {row['sex']}" for row in rows])}

@@ -6,7 +6,9 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from rafmedia.core.errors import UserError
-from rafmedia.evaluate.latent import frechet_matrix, knn_ood_score, latent_results, site_silhouette
+from rafmedia.evaluate.latent import (LATENT_TESTS, frechet_matrix, headline, knn_ood_score, latent_results,
+                                      list_latent_tests, register_latent_test, site_silhouette)
+from rafmedia.evaluate.metrics import rankme
 
 
 def sites_embeddings(seed: int, shift: float, num_per_site: int = 60, dim: int = 6):
@@ -97,13 +99,41 @@ def test_frechet_smaller_within_a_gaussian_than_between_shifted_gaussians():
     assert result["farthest"] == "shifted"
 
 
-def test_latent_results_adds_silhouette_and_optional_ood_summary():
+def test_latent_results_run_every_registered_test_and_summarise_them():
     emb, sites = sites_embeddings(seed=5, shift=30.0, num_per_site=40)
     rows = [{"site": site, "sex": "F" if i % 2 else "M"} for i, site in enumerate(sites)]
-    old_style = latent_results(emb, rows, ["site", "sex"], seed=0)
-    assert "knn_ood" not in old_style and old_style["embed_dim"] == 6
-    assert old_style["site"]["silhouette"] > 0.5 and abs(old_style["sex"]["silhouette"]) < 0.05
-    assert old_style["site"]["leakage_auroc"] > 0.95 and set(old_style["site"]["frechet"]["groups"]) == {"a", "b", "c"}
     in_site_a, other_sites = np.flatnonzero(sites == "a"), np.flatnonzero(sites != "a")
-    with_ood = latent_results(emb, rows, ["site"], seed=0, ood_split=(in_site_a, other_sites))
-    assert with_ood["knn_ood"]["mean"] > 1.5  # other sites lie outside site a's distribution
+    result = latent_results(emb, rows, ["site", "sex"], seed=0, split=(in_site_a, other_sites))
+    assert result["embed_dim"] == 6 and result["rankme"] == pytest.approx(rankme(emb))
+    assert result["site"]["silhouette"] > 0.5 and abs(result["sex"]["silhouette"]) < 0.05
+    assert result["site"]["leakage_auroc"] > 0.95 and set(result["site"]["frechet"]["groups"]) == {"a", "b", "c"}
+    assert result["knn_ood"]["mean"] > 1.5  # other sites lie outside site a's distribution
+    site = result["summary"]["site"]
+    assert site["leakage AUROC"] == result["site"]["leakage_auroc"] and site["RankMe"] == result["rankme"]
+    assert site["farthest group"] == result["site"]["frechet"]["farthest"]
+    assert site["its mean Frechet distance"] == max(result["site"]["frechet"]["mean_to_others"].values())
+    assert set(result["tables"]) == {"knn_ood"}  # a dict result without columns gets its own table
+    numbers = headline(result)
+    assert numbers["silhouette (sex)"] == result["sex"]["silhouette"] and numbers["RankMe"] == result["rankme"]
+    assert "farthest group (site)" not in numbers  # not a number
+
+
+def test_a_registered_latent_test_reaches_the_results_and_the_headline():
+    @register_latent_test("mean_norm", scope="attribute", title="mean norm gap")
+    def mean_norm_gap(emb_ND, groups_N, *, seed):
+        norms = np.linalg.norm(emb_ND, axis=1)
+        means = [norms[groups_N == g].mean() for g in np.unique(groups_N)]
+        return float(max(means) - min(means))
+
+    try:
+        emb, sites = sites_embeddings(seed=6, shift=3.0, num_per_site=20)
+        rows = [{"site": site} for site in sites]
+        result = latent_results(emb, rows, ["site"], seed=0, split=(np.arange(30), np.arange(30, 60)))
+        norms = np.linalg.norm(emb, axis=1)
+        expected = max(norms[sites == g].mean() for g in "abc") - min(norms[sites == g].mean() for g in "abc")
+        assert result["site"]["mean_norm"] == pytest.approx(expected)
+        assert result["summary"]["site"]["mean norm gap"] == pytest.approx(expected)
+        assert headline(result)["mean norm gap (site)"] == pytest.approx(expected)
+    finally:
+        LATENT_TESTS.unregister("mean_norm")
+    assert "mean_norm" not in list_latent_tests()

@@ -11,8 +11,8 @@ from scipy import stats
 from rafmedia.core.errors import UserError
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
-from rafmedia.evaluate.runner import EvaluateConfig, run_evaluation
-from rafmedia.evaluate.segmentation import SegmentationConfig
+from rafmedia.evaluate.config import EvaluateConfig, SegmentationConfig
+from rafmedia.evaluate.runner import run_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_the_report_carries_the_projection_datasheet_and_robustness_summary(repo
 
 def test_a_cell_rerun_with_the_embedding_cache_embeds_nothing_and_gives_the_same_numbers(small_cohort, tmp_path,
                                                                                       monkeypatch):
-    from rafmedia.evaluate import runner
+    from rafmedia.evaluate import embed
     from rafmedia.evaluate.cache import EmbeddingCache
 
     store, _ = small_cohort
@@ -90,8 +90,8 @@ def test_a_cell_rerun_with_the_embedding_cache_embeds_nothing_and_gives_the_same
     config = EvaluateConfig(cohort=str(store.path), encoders=[str(weights)], seeds=[0], alterations=["gaussian_noise"],
                             severities=[2], bootstrap_resamples=20, permutations=19, ordinal_targets=[])
     embedded = []
-    real = runner.embed_subjects
-    monkeypatch.setattr(runner, "embed_subjects", lambda *a, **k: embedded.append(len(a[2])) or real(*a, **k))
+    real = embed.embed_subjects
+    monkeypatch.setattr(embed, "embed_subjects", lambda *a, **k: embedded.append(len(a[2])) or real(*a, **k))
     cache = EmbeddingCache(tmp_path / "embeddings.zarr")
     first = run_evaluation(config, progress=False, cache=cache)
     num_subjects, num_test = len(store.subject_ids()), int(round(len(store.subject_ids()) * config.test_fraction))

@@ -7,7 +7,8 @@ import torch
 
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
-from rafmedia.evaluate.runner import EvaluateConfig, run_evaluation
+from rafmedia.evaluate.config import EvaluateConfig
+from rafmedia.evaluate.runner import run_evaluation
 from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.synth import SiteProfile, generate_cohort
 from tests.conftest import small_cohort_config

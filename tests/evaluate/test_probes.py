@@ -36,12 +36,12 @@ def test_probe_auroc_near_one_when_separable_and_near_half_when_shuffled(name):
     emb, labels = separable_embeddings(seed=0)
     train, test = np.arange(200), np.arange(200, 400)
     probe = create_probe(name).fit(emb[train], labels[train])
-    assert compute_auroc(probe.scores(emb[test]), labels[test]) > 0.98
+    assert compute_auroc(y_true=labels[test], y_score=probe.scores(emb[test])) > 0.98
     assert np.mean(np.round(probe.predict(emb[test])) == labels[test]) > 0.9
     shuffled = np.random.default_rng(1).permutation(labels)
     probe = create_probe(name).fit(emb[train], shuffled[train])
     # 100 vs 100 test scans: the AUROC of an uninformative score has a standard deviation of about 0.04.
-    assert abs(compute_auroc(probe.scores(emb[test]), shuffled[test]) - 0.5) < 0.15
+    assert abs(compute_auroc(y_true=shuffled[test], y_score=probe.scores(emb[test])) - 0.5) < 0.15
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])

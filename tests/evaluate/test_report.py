@@ -21,7 +21,7 @@ from rafmedia.core.files import write_json
 from rafmedia.evaluate import figures
 from rafmedia.evaluate.fairness import segmentation_fairness
 from rafmedia.evaluate.latent import knn_ood_score
-from rafmedia.evaluate.metrics import summarize_groups
+from rafmedia.evaluate.group_metrics import summarize_group_values
 from rafmedia.evaluate.plausibility import plausibility_by_group
 from rafmedia.evaluate.raf import RAF_FORMULA, degradation
 from rafmedia.evaluate.rca import estimated_gap
@@ -60,8 +60,8 @@ def make_fairness_grouping(rng: np.random.Generator, groups: list[str]) -> dict:
                       "first_replicate": {"accuracy": accuracy[0], "auroc": auroc[0], "ci95": {
                           "accuracy": [accuracy[0] - 0.2, accuracy[0] + 0.1], "auroc": [auroc[0] - 0.3, auroc[0] + 0.05]}},
                       "small_group": group == groups[-1]}
-    return {"groups": out, "accuracy": summarize_groups({g: v["accuracy"] for g, v in out.items()}),
-            "auroc": summarize_groups({g: v["auroc"] for g, v in out.items()}),
+    return {"groups": out, "accuracy": summarize_group_values({g: v["accuracy"] for g, v in out.items()}),
+            "auroc": summarize_group_values({g: v["auroc"] for g, v in out.items()}),
             "first_replicate": {"accuracy_gap": 0.21, "accuracy_gap_p_value": 0.043, "auroc_gap": 0.3,
                                 "auroc_gap_p_value": 0.2, "demographic_parity_difference": 0.1,
                                 "demographic_parity_p_value": 0.5, "equalized_odds_difference": 0.2,
@@ -250,8 +250,8 @@ def test_markdown_summary_holds_the_headline_numbers(report, markdown):
     assert f"| {f3(raf['index'])} [{f3(raf['index_ci95'][0])}, {f3(raf['index_ci95'][1])}] |" in markdown
     assert f"| {f3(first['probes']['disease']['auroc']['mean'])} ± 0.050 |" in markdown
     site = first["fairness"]["site"]
-    assert (f"| {ENCODERS[0]} | site | {f3(site['accuracy']['gap'])} | {site['accuracy']['worst_group']} | 0.210 | "
-            "0.043 |") in markdown
+    assert (f"| {ENCODERS[0]} | site | {f3(site['accuracy']['gap'])}, 0.210 (p 0.043) | "
+            f"{f3(site['auroc']['gap'])}, 0.300 (p 0.200) | {site['accuracy']['worst_group']} |") in markdown
     degradations = " | ".join(f3(first["robustness"][a]["degradation"]) for a in ALTERATIONS)
     assert f"| {ENCODERS[0]} | {degradations} | {f3(first['robustness_summary']['mce'])} |" in markdown
     latent = first["latent"]["sex"]

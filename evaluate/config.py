@@ -1,0 +1,108 @@
+"""What an evaluation scores and how: `evaluate.*` of the config (configs/default.yaml), validated before anything
+is read, and the digest of every setting that changes a number (the results store's key).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rafmedia.core.errors import UserError
+from rafmedia.core.registry import unknown_name_error
+from rafmedia.evaluate import raf
+from rafmedia.evaluate.group_metrics import classification_metrics
+from rafmedia.evaluate.latent import list_latent_tests
+from rafmedia.evaluate.probes import categorical_probes, list_probes
+from rafmedia.evaluate.results import digest
+from rafmedia.shards.alterations import alteration_seed, create_alteration
+
+RESULTS_VERSION = 3  # raise when a computation changes, so that results stores never serve cells computed the old way
+
+
+@dataclass
+class SegmentationConfig:
+    """`evaluate.segmentation`: off unless `enabled`; needs a label channel in the cohort."""
+
+    enabled: bool = False
+    channel: str = "label"
+    structures: dict[str, int] = field(default_factory=lambda: {"body": 1, "heart": 2, "liver": 3, "kidney": 4})
+    head_steps: int = 150
+    head_lr: float = 1e-2
+    nsd_tolerance_mm: float = 2.0
+    shape_prior: str = ""  # shape_prior.safetensors of a shape_prior_dae run: adds the reconstruction-error score
+    reference_cohort: str = ""  # a labelled store to train the head and draw RCA references from (see above)
+    rca_references: int = 8  # training subjects used as RCA's reference set (0: no RCA)
+    rca_method: str = "voxel_classifier"
+
+    def validate(self) -> None:
+        if self.enabled and not self.structures:
+            raise UserError("evaluate.segmentation.structures is empty: name the label values to score, "
+                            "e.g. {heart: 2, liver: 3}")
+
+
+@dataclass
+class EvaluateConfig:
+    """What to score and how."""
+
+    cohort: str = ""  # path of a cohort store
+    encoders: list[str] = field(default_factory=list)  # exports (.safetensors + .card.json) or SPEC=WEIGHTS
+    encoder_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # by spec: factory options
+    random_baseline: bool = True  # also score a randomly initialised encoder of the same architecture
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one replicate (split, random init) per seed
+    test_fraction: float = 0.5
+    primary_target: str = "disease"  # the scan-level label of the fairness, robustness and RAF analyses
+    targets: list[str] = field(default_factory=lambda: ["disease", "sex"])  # binary probe targets
+    group_by: list[str] = field(default_factory=lambda: ["sex", "site"])
+    min_group_size: int = 10  # smaller groups are reported and flagged, not merged
+    alterations: list[str] = field(default_factory=lambda: ["gaussian_noise", "bias_field"])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    probe: str = "logistic"
+    few_shot: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions of the primary target
+    ordinal_targets: list[str] = field(default_factory=list)  # graded columns: ordinal probe, QWK and Spearman
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    bootstrap_resamples: int = 500
+    permutations: int = 1000  # label shuffles of each fairness gap's permutation test
+    intersections: bool = True  # also score every pair of group_by attributes ("sex x site")
+    age_bins: list[float] = field(default_factory=lambda: [0, 40, 60, 200])  # bands of an "age" group_by column
+    raf_weights: dict[str, float] = field(default_factory=lambda: {"performance": 1.0, "robustness": 1.0,
+                                                                   "fairness": 1.0})
+    batch_size: int = 16
+    patch_size: int = 0  # > 0: embed each volume as the mean of a grid of patches of this size (large volumes)
+
+    def validate(self) -> None:
+        if not self.cohort:
+            raise UserError("evaluate.cohort is not set: pass --cohort PATH (a store made by `raf synth`)")
+        if not self.encoders:
+            raise UserError("no encoder to evaluate: pass --encoder PATH.safetensors (one or more)")
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"evaluate.test_fraction must be in (0, 1), got {self.test_fraction}")
+        for name in self.alterations:
+            create_alteration(name)  # unknown names raise with "did you mean"
+        if not self.seeds:
+            raise UserError("evaluate.seeds is empty: give at least one seed")
+        unknown = set(self.raf_weights) - set(raf.COMPONENTS)
+        if unknown:
+            raise UserError(f"evaluate.raf_weights has unknown component(s) {sorted(unknown)}; use "
+                            f"{', '.join(raf.COMPONENTS)}")
+        self.weights().normalised()
+        self.segmentation.validate()
+        if any(not 0 < fraction <= 1 for fraction in self.few_shot):
+            raise UserError(f"evaluate.few_shot fractions must be in (0, 1], got {self.few_shot}")
+        if self.probe not in categorical_probes():
+            raise unknown_name_error("evaluate.probe (a probe for binary targets)", self.probe, categorical_probes())
+
+    def weights(self) -> raf.RafWeights:
+        return raf.RafWeights(**self.raf_weights)
+
+    def alteration_seeds(self) -> dict[str, list[int]]:
+        """The seed of every evaluated alteration at every severity (`alteration_seed`)."""
+        return {name: [alteration_seed(name, severity) for severity in self.severities] for name in self.alterations}
+
+    def settings_digest(self) -> str:
+        """Every option that changes a cell's numbers (not which encoders or cohorts, nor batch size), the alteration
+        seeds, and the registered metrics, probes and latent tests a cell holds (a new one is computed, not missing)."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cohort", "encoders", "batch_size")}
+        registered = {"group_metrics": classification_metrics(), "probes": list_probes(),
+                      "latent_tests": list_latent_tests()}
+        return digest(settings, self.alteration_seeds(), registered, RESULTS_VERSION)
