@@ -152,31 +152,17 @@ def fairness_results(fits: list[ProbeFit], y: np.ndarray, groups: dict[str, np.n
         seed, num_resamples, num_permutations, min_group_size: as in `classification_fairness`.
     """
     first = fits[0]
+    arrays = [{"y_true": y[fit.test_idx].astype(np.float64), "y_pred": fit.predictions.astype(np.float64),
+               "y_score": np.asarray(fit.scores, dtype=np.float64)} for fit in fits]
     out: dict[str, dict[str, Any]] = {}
     for grouping, labels in groups.items():
         tests = classification_fairness(y[first.test_idx], first.predictions, first.scores, labels[first.test_idx],
                                         seed=seed, num_resamples=num_resamples, num_permutations=num_permutations,
                                         min_group_size=min_group_size)
         metrics = tests["metrics"]
-        groups_out = {}
-        for group in sorted(set(labels)):
-            per_replicate = {metric: [] for metric in metrics}
-            sizes = []
-            for fit in fits:
-                weights_1N = (labels[fit.test_idx] == group).astype(np.float64)[None]
-                arrays = {"y_true": y[fit.test_idx].astype(np.float64), "y_pred": fit.predictions.astype(np.float64),
-                          "y_score": np.asarray(fit.scores, dtype=np.float64)}
-                for metric in metrics:
-                    inputs = (arrays[name] for name in GROUP_METRICS.tags(metric)["inputs"])
-                    per_replicate[metric].append(float(GROUP_METRICS.get(metric)(weights_1N, *inputs)[0]))
-                sizes.append(int(weights_1N.sum()))
-            groups_out[group] = {"n_test": float(np.mean(sizes)),
-                                 **{metric: finite_mean(values) for metric, values in per_replicate.items()},
-                                 **{f"{metric}_per_replicate": values for metric, values in per_replicate.items()},
-                                 "first_replicate": {**{metric: values[0] for metric, values in per_replicate.items()},
-                                                     "ci95": {metric: tests[metric]["groups"].get(group, {}).get(
-                                                         "ci95", [float("nan")] * 2) for metric in metrics}},
-                                 "small_group": bool(np.mean(sizes) < min_group_size)}
+        members = {group: [labels[fit.test_idx] == group for fit in fits] for group in sorted(set(labels))}
+        groups_out = {group: group_entry(member_N, arrays, metrics, tests, group=group, min_group_size=min_group_size)
+                      for group, member_N in members.items()}
         out[grouping] = {"metrics": metrics, "groups": groups_out,
                          **{metric: summarize_group_values({g: v[metric] for g, v in groups_out.items()},
                                                            higher_is_better=GROUP_METRICS.tags(metric)["higher_is_better"])
@@ -184,6 +170,26 @@ def fairness_results(fits: list[ProbeFit], y: np.ndarray, groups: dict[str, np.n
                          "first_replicate": {key: value for key, value in tests.items()
                                              if key.endswith(("_gap", "_gap_p_value", "_difference", "_p_value"))}}
     return out
+
+
+def group_entry(member_RN: list[np.ndarray], arrays: list[dict[str, np.ndarray]], metrics: list[str],
+                tests: dict[str, Any], *, group: str, min_group_size: int) -> dict[str, Any]:
+    """One group's values: every metric per replicate (its members among that replicate's test subjects) and their
+    mean, the first replicate's bootstrap interval (from `tests`, the first replicate's `classification_fairness`),
+    the mean test size and the small-group flag."""
+    per_replicate: dict[str, list[float]] = {metric: [] for metric in metrics}
+    for member_N, replicate in zip(member_RN, arrays):
+        weights_1N = member_N.astype(np.float64)[None]
+        for metric in metrics:
+            inputs = [replicate[name] for name in GROUP_METRICS.tags(metric)["inputs"]]
+            per_replicate[metric].append(float(GROUP_METRICS.get(metric)(weights_1N, *inputs)[0]))
+    size = float(np.mean([member_N.sum() for member_N in member_RN]))
+    return {"n_test": size, **{metric: finite_mean(values) for metric, values in per_replicate.items()},
+            **{f"{metric}_per_replicate": values for metric, values in per_replicate.items()},
+            "first_replicate": {**{metric: values[0] for metric, values in per_replicate.items()},
+                                "ci95": {metric: tests[metric]["groups"].get(group, {}).get("ci95", [float("nan")] * 2)
+                                         for metric in metrics}},
+            "small_group": bool(size < min_group_size)}
 
 
 def finite_mean(values: list[float]) -> float:
