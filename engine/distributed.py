@@ -16,25 +16,42 @@ import torch.distributed as dist
 from rafmedia.core.errors import UserError
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29500  # torchrun's default
 
 
 @dataclass(frozen=True)
 class Place:
-    """This process's place in the job."""
+    """This process's place in the job: its ranks, who started it and where the group meets.
+
+    `rafmedia.launch.env.resolve_environment` fills every field from whichever launcher started the process;
+    the engine reads it back from torchrun's variables (`place_from_environment`).
+    """
 
     rank: int = 0
-    local_rank: int = 0
+    local_rank: int = 0  # rank among the processes of this node: picks the CUDA device
     world_size: int = 1
+    launcher: str = "single"  # the launcher that started the job (`raf list launchers`), or single
+    node_rank: int = 0
+    master_addr: str = DEFAULT_MASTER_ADDR  # rank 0's host: the rendezvous of the process group
+    master_port: int = DEFAULT_MASTER_PORT
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def torch_variables(self) -> dict[str, str]:
+        """The place as torchrun's environment variables (what `place_from_environment` and torch read)."""
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "GROUP_RANK": str(self.node_rank), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
 
 def place_from_environment(env: dict[str, str] | None = None) -> Place:
     """Reads RANK / LOCAL_RANK / WORLD_SIZE as torchrun and the deepspeed launcher set them.
 
-    No variable at all means one process. A half-set environment is an error naming what is missing.
+    No variable at all means one process. A half-set environment is an error naming what is missing. The
+    launcher is "torchrun" whenever its variables are set: `rafmedia.launch` writes them for every launcher.
     """
     env = os.environ if env is None else env
     present = [name for name in LAUNCHER_VARIABLES if name in env]
@@ -46,10 +63,13 @@ def place_from_environment(env: dict[str, str] | None = None) -> Place:
                         "missing; launch with torchrun (or deepspeed), or unset these variables to run one process")
     try:
         place = Place(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
-                      world_size=int(env["WORLD_SIZE"]))
+                      world_size=int(env["WORLD_SIZE"]), launcher="torchrun",
+                      node_rank=int(env.get("GROUP_RANK", 0)), master_addr=env["MASTER_ADDR"],
+                      master_port=int(env["MASTER_PORT"]))
     except ValueError:
-        raise UserError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers, got {env.get('RANK')!r}, "
-                        f"{env.get('LOCAL_RANK')!r}, {env.get('WORLD_SIZE')!r}") from None
+        raise UserError(f"RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK and MASTER_PORT must be integers, got "
+                        f"{env.get('RANK')!r}, {env.get('LOCAL_RANK')!r}, {env.get('WORLD_SIZE')!r}, "
+                        f"{env.get('GROUP_RANK')!r}, {env.get('MASTER_PORT')!r}") from None
     if not 0 <= place.rank < place.world_size:
         raise UserError(f"RANK={place.rank} is outside WORLD_SIZE={place.world_size}")
     return place

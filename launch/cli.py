@@ -11,6 +11,8 @@ import time
 
 from rafmedia.core.errors import Preempted, UserError
 from rafmedia.core.registry import did_you_mean
+from rafmedia.launch import __version__
+from rafmedia.launch.commands import LISTINGS, run_command
 
 EPILOG_CONFIG = """configuration:
   Values come from the packaged defaults (configs/default.yaml), then --config FILE (a path, or a packaged
@@ -25,15 +27,20 @@ class RafArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         if "invalid choice" in message:
             bad = message.split("'")[1] if "'" in message else ""
-            choices = [c for c in self._subcommand_choices()]
-            message = f"unknown command '{bad}';{did_you_mean(bad, choices)} (choose from: {', '.join(choices)})"
+            name = message.split(":")[0].removeprefix("argument ")  # "argument what: invalid choice: 'x' (...)"
+            action = self._choice_action(name)
+            choices = [str(choice) for choice in action.choices] if action else []
+            problem = (f"unknown command '{bad}'" if isinstance(action, argparse._SubParsersAction)
+                       else f"'{bad}' is not a choice for {name}")
+            message = f"{problem};{did_you_mean(bad, choices)} (choose from: {', '.join(choices)})"
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
-    def _subcommand_choices(self) -> list[str]:
+    def _choice_action(self, name: str) -> argparse.Action | None:
+        """The argument argparse names `name` in an error (its metavar, destination or option strings)."""
         for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                return list(action.choices)
-        return []
+            if action.choices is not None and name in (action.metavar, action.dest, "/".join(action.option_strings)):
+                return action
+        return None
 
 
 EXAMPLES = {
@@ -125,12 +132,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, out_default: str) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rafmedia import launch
-    from rafmedia.launch.commands import LISTINGS
-
     parser = RafArgumentParser(prog="raf", description="rafmedia: SSL pretraining of 3D encoders and robustness/fairness "
                                "(RAF) evaluation. Start with `raf quickstart`.", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"rafmedia {launch.__version__}")
+    parser.add_argument("--version", action="version", version=f"rafmedia {__version__}")
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RafArgumentParser)
@@ -138,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_cohort_and_alter_commands(commands)
     _add_slurm_commands(commands)
-    listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes or configs")
+    listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes, launchers or "
+                                  "configs")
     listing.add_argument("what", choices=sorted(LISTINGS))
     return parser
 
@@ -325,6 +330,9 @@ def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
                         help="ingest: the consolidation exits 0 even when some subjects were bad")
     submit.add_argument("--wait", action="store_true", help="wait until the job(s) finish; exit 1 if one failed")
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+    # Each job runs its command line through this module's `main`, handed to the job here rather than imported by
+    # rafmedia.launch.slurm: the CLI imports slurm (through commands), so slurm importing the CLI would be a cycle.
+    submit.set_defaults(entry=main)
 
     jobs = commands.add_parser("jobs", help="list, tail or cancel the project's SLURM jobs",
                                description="List the jobs `raf submit` recorded in slurm.folder/jobs.jsonl with their "
@@ -338,8 +346,7 @@ def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rafmedia.launch import commands
-
+    """Runs one `raf` command line; returns the exit code (0, 1 partly done, 2 user error, 128 + N signal N)."""
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 2
         began = time.perf_counter()
-        getattr(commands, f"run_{args.command}")(args)
+        run_command(args)
         if args.command not in ("list", "report", "jobs", "leaderboard"):
             print(f"done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         return 0

@@ -3,23 +3,44 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import glob
 from pathlib import Path
 
 from rafmedia.core.errors import UserError
-from rafmedia.launch.config import RafConfig, load_config, write_resolved
+from rafmedia.core.files import read_json, write_json
+from rafmedia.engine.encoders import list_encoders
+from rafmedia.engine.pretrain import pretrain_encoder, validate_pretraining
+from rafmedia.engine.tasks import list_tasks
+from rafmedia.engine.wrappers import list_wrappers
+from rafmedia.evaluate.cache import EmbeddingCache
+from rafmedia.evaluate.encoder_sources import list_encoder_sources
+from rafmedia.evaluate.group_metrics import list_group_metrics
+from rafmedia.evaluate.latent import list_latent_tests
+from rafmedia.evaluate.leaderboard import find_stores, leaderboard_rows, to_markdown, write_leaderboard
+from rafmedia.evaluate.probes import list_probes
+from rafmedia.evaluate.rca import list_reverse_classifiers
+from rafmedia.evaluate.report import REPORT_JSON, render_report
+from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
+from rafmedia.evaluate.runner import run_evaluation
+from rafmedia.launch.config import RafConfig, load_config, packaged_configs, write_resolved
+from rafmedia.launch.env import export_for_torch, list_launchers, resolve_environment
+from rafmedia.launch.slurm import cancel, job_states, log_paths, recorded_jobs, submit, submit_array, wait_for
+from rafmedia.shards.alterations import list_alterations
+from rafmedia.shards.alterations.preview import write_preview
+from rafmedia.shards.cohort import build_cohort
+from rafmedia.shards.cohort_spec import load_spec
+from rafmedia.shards.datasheet import DatasheetConfig, load_manifest, write_datasheet
+from rafmedia.shards.ingest import (bad_subjects_error, consolidate, format_consolidated, format_summary, ingest,
+                                    resolve_task)
+from rafmedia.shards.preprocess import list_intensity_policies
+from rafmedia.shards.store import COHORT_STORE, CohortStore, resolve_store
+from rafmedia.shards.synth import generate_cohort
+from rafmedia.shards.wds_export import export_webdataset
 
-COHORT_STORE = "cohort.zarr"
 
-
-def resolve_store(path: str) -> str:
-    """Accepts a cohort store or a folder holding `cohort.zarr`; a missing path is a UserError."""
-    candidate = Path(path)
-    if (candidate / COHORT_STORE / "zarr.json").is_file():
-        return str(candidate / COHORT_STORE)
-    if not candidate.exists():
-        raise UserError(f"cohort store not found: {candidate} (create one with `raf synth --out DIR`)")
-    return str(candidate)
+def run_command(args: argparse.Namespace):
+    """Runs the subcommand the parser put in `args.command` (`run_<command>` below) and returns what it returns."""
+    return globals()[f"run_{args.command}"](args)
 
 
 def _config(args: argparse.Namespace) -> RafConfig:
@@ -27,8 +48,6 @@ def _config(args: argparse.Namespace) -> RafConfig:
 
 
 def run_synth(args: argparse.Namespace) -> Path:
-    from rafmedia.shards.synth import generate_cohort
-
     config = _config(args)
     out = Path(args.out)
     store = generate_cohort(config.cohort, store_config=config.store, out=out / COHORT_STORE,
@@ -39,18 +58,15 @@ def run_synth(args: argparse.Namespace) -> Path:
 
 
 def run_pretrain(args: argparse.Namespace) -> Path:
-    from rafmedia.engine.distributed import place_from_environment
-    from rafmedia.engine.pretrain import pretrain_encoder, validate_pretraining
-    from rafmedia.launch.env import export_for_torch, resolve_environment
-
     config = _config(args)
     validate_pretraining(config.data, config.encoder, config.task, config.train)  # before any file is touched
-    export_for_torch(resolve_environment())  # torchrun, srun, mpirun or one process: the engine reads torchrun's variables
+    place = resolve_environment()
+    export_for_torch(place)  # torchrun, srun, mpirun or one process: the engine reads torchrun's variables
     config.data.cohort = args.cohort or config.data.cohort  # a flag, not an override: paths need no YAML quoting
     if not config.data.cohort:
         raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
-    config.data.cohort = resolve_store(config.data.cohort)
-    is_main = place_from_environment().is_main  # one rank writes the resolved config and speaks
+    config.data.cohort = str(resolve_store(config.data.cohort))
+    is_main = place.is_main  # one rank writes the resolved config and speaks
     if is_main:
         write_resolved(config, args.out, ["data", "encoder", "task", "train"])
     weights = pretrain_encoder(data=config.data, encoder=config.encoder, task=config.task, train_config=config.train,
@@ -62,23 +78,16 @@ def run_pretrain(args: argparse.Namespace) -> Path:
 
 def run_evaluate(args: argparse.Namespace) -> Path:
     """Every encoder x cohort cell through one results store; a report per cohort; the leaderboard."""
-    from rafmedia.core.files import write_json
-    from rafmedia.engine.distributed import place_from_environment
-    from rafmedia.evaluate.cache import EmbeddingCache
-    from rafmedia.evaluate.leaderboard import leaderboard_rows, write_leaderboard
-    from rafmedia.evaluate.report import REPORT_JSON, render_report
-    from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
-    from rafmedia.evaluate.runner import run_evaluation
-    from rafmedia.launch.env import export_for_torch, resolve_environment
-
     config = _config(args)
-    cohorts = [resolve_store(cohort) for cohort in (args.cohort or ([config.evaluate.cohort] if config.evaluate.cohort else []))]
+    cohorts = [str(resolve_store(cohort))
+               for cohort in (args.cohort or ([config.evaluate.cohort] if config.evaluate.cohort else []))]
     if args.encoder:
         config.evaluate.encoders = expand_encoders(args.encoder)
     config.evaluate.cohort = cohorts[0] if cohorts else ""
     config.evaluate.validate()
-    export_for_torch(resolve_environment())  # torchrun / srun / mpirun: each rank embeds a share of the subjects
-    is_main = place_from_environment().is_main
+    place = resolve_environment()
+    export_for_torch(place)  # torchrun / srun / mpirun: each rank embeds a share of the subjects
+    is_main = place.is_main
     out = Path(args.out)
     results = ResultsStore(out / RESULTS_FILE)
     cache = EmbeddingCache(out / "embeddings.zarr")
@@ -101,8 +110,6 @@ def run_evaluate(args: argparse.Namespace) -> Path:
 
 def expand_encoders(patterns: list[str]) -> list[str]:
     """Encoder paths from paths and quoted globs, in the order given; a glob that matches nothing is an error."""
-    import glob
-
     paths: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -113,8 +120,6 @@ def expand_encoders(patterns: list[str]) -> list[str]:
 
 
 def run_leaderboard(args: argparse.Namespace) -> Path:
-    from rafmedia.evaluate.leaderboard import find_stores, leaderboard_rows, to_markdown, write_leaderboard
-
     stores = find_stores(args.stores)
     rows = leaderboard_rows(stores)
     files = write_leaderboard(rows, Path(args.out) if args.out else stores[0].parent)
@@ -124,8 +129,6 @@ def run_leaderboard(args: argparse.Namespace) -> Path:
 
 
 def run_report(args: argparse.Namespace) -> Path:
-    from rafmedia.evaluate.report import render_report
-
     html = render_report(args.results)
     print(f"report: {html.resolve()}")
     return html
@@ -152,9 +155,6 @@ def run_shards(args: argparse.Namespace) -> Path:
 
 
 def run_shards_export(args: argparse.Namespace) -> Path:
-    from rafmedia.shards.store import CohortStore
-    from rafmedia.shards.wds_export import export_webdataset
-
     config = _config(args)
     store = CohortStore(resolve_store(args.cohort))
     index = export_webdataset(store, args.out, config=config.export, overwrite=args.overwrite, progress=not args.quiet)
@@ -164,8 +164,6 @@ def run_shards_export(args: argparse.Namespace) -> Path:
 
 
 def run_shards_ingest(args: argparse.Namespace) -> Path:
-    from rafmedia.shards.ingest import bad_subjects_error, format_summary, ingest, resolve_task
-
     config = _config(args)
     if args.workers is not None:
         config.ingest.workers = args.workers
@@ -184,8 +182,6 @@ def run_shards_ingest(args: argparse.Namespace) -> Path:
 
 
 def run_shards_consolidate(args: argparse.Namespace) -> Path:
-    from rafmedia.shards.ingest import bad_subjects_error, consolidate, format_consolidated
-
     result = consolidate(resolve_store(args.store), num_tasks=args.num_tasks)
     print(format_consolidated(result))
     if result["bad"] and not args.skip_bad:
@@ -194,8 +190,6 @@ def run_shards_consolidate(args: argparse.Namespace) -> Path:
 
 
 def run_shards_datasheet(args: argparse.Namespace) -> Path:
-    from rafmedia.shards.datasheet import DatasheetConfig, load_manifest, write_datasheet
-
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()] if args.attributes else None
     config = DatasheetConfig(attributes=attributes, rare_below=args.rare_below, channel=args.channel,
                              intensity_by=args.intensity_by, stride=args.stride)
@@ -212,10 +206,6 @@ def run_cohort(args: argparse.Namespace) -> Path:
 
 
 def run_cohort_build(args: argparse.Namespace) -> Path:
-    from rafmedia.core.files import read_json
-    from rafmedia.shards.cohort import build_cohort
-    from rafmedia.shards.cohort_spec import load_spec
-
     spec = load_spec(args.spec)
     try:
         out = build_cohort(spec, out=args.out or Path("runs/cohorts") / spec.name, overwrite=args.overwrite,
@@ -236,8 +226,6 @@ def run_alter(args: argparse.Namespace) -> Path:
 
 
 def run_alter_preview(args: argparse.Namespace) -> Path:
-    from rafmedia.shards.alterations.preview import write_preview
-
     names = [name.strip() for name in args.alterations.split(",") if name.strip()] if args.alterations else None
     if args.max_size < 8:
         raise UserError(f"--max-size must be at least 8 voxels, got {args.max_size}")
@@ -247,32 +235,33 @@ def run_alter_preview(args: argparse.Namespace) -> Path:
     return drawn["path"]
 
 
+# `raf list WHAT`: the names each registry (or the packaged configs) holds.
 LISTINGS = {
-    "configs": "rafmedia.launch.config:packaged_configs",
-    "encoders": "rafmedia.engine.encoders:list_encoders",
-    "tasks": "rafmedia.engine.tasks:list_tasks",
-    "alterations": "rafmedia.shards.alterations:list_alterations",
-    "probes": "rafmedia.evaluate.probes:list_probes",
-    "intensity-policies": "rafmedia.shards.preprocess:list_intensity_policies",
-    "wrappers": "rafmedia.engine.wrappers:list_wrappers",
-    "encoder-sources": "rafmedia.evaluate.encoder_sources:list_encoder_sources",
-    "reverse-classifiers": "rafmedia.evaluate.rca:list_reverse_classifiers",
-    "group-metrics": "rafmedia.evaluate.fairness:list_group_metrics",
+    "configs": packaged_configs,
+    "encoders": list_encoders,
+    "tasks": list_tasks,
+    "alterations": list_alterations,
+    "probes": list_probes,
+    "intensity-policies": list_intensity_policies,
+    "wrappers": list_wrappers,
+    "encoder-sources": list_encoder_sources,
+    "reverse-classifiers": list_reverse_classifiers,
+    "group-metrics": list_group_metrics,
+    "latent-tests": list_latent_tests,
+    "launchers": list_launchers,
 }
 
 
 def run_list(args: argparse.Namespace) -> list[str]:
-    module_name, function_name = LISTINGS[args.what].split(":")
-    names = getattr(importlib.import_module(module_name), function_name)()
+    names = LISTINGS[args.what]()
     print("\n".join(names))
     return names
 
 
 def run_submit(args: argparse.Namespace) -> list:
     """`raf submit pretrain|evaluate|ingest CONFIG`: the same command as a SLURM job (an array for evaluation sweeps
-    and for ingest over sub-cohorts)."""
-    from rafmedia.launch.slurm import wait_for
-
+    and for ingest over sub-cohorts). Every job runs its command line through `args.entry`, the function the CLI's
+    parser gives (its own `main`), so the job behaves as `raf` run by hand."""
     _check_submit_options(args)
     config = load_config(args.config_file, args.overrides)
     out = Path(args.out or f"runs/{args.what}").resolve()
@@ -306,36 +295,30 @@ def _check_submit_options(args: argparse.Namespace) -> None:
 
 
 def _submit_pretrain(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:
-    from rafmedia.engine.pretrain import validate_pretraining
-    from rafmedia.launch.slurm import submit
-
     if len(args.cohort_list) > 1:
         raise UserError("raf submit pretrain takes one --cohort")
     validate_pretraining(config.data, config.encoder, config.task, config.train)  # refused here, not in the queue
     cohort = args.cohort_list[0] if args.cohort_list else config.data.cohort
     if not cohort:
         raise UserError("no cohort to pretrain on: pass --cohort STORE (or data.cohort=STORE)")
-    common = [*common, "--cohort", str(Path(resolve_store(cohort)).resolve())]
-    return [submit(config.slurm, ["pretrain", *common, "--out", str(out)], job_name="raf-pretrain", out=str(out))]
+    common = [*common, "--cohort", str(resolve_store(cohort).resolve())]
+    return [submit(config.slurm, ["pretrain", *common, "--out", str(out)], entry=args.entry, job_name="raf-pretrain",
+                   out=str(out))]
 
 
 def _submit_evaluate(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:
-    from rafmedia.launch.slurm import submit, submit_array
-
     cells = evaluation_cells(args, config)
     argvs = [["evaluate", *common, "--cohort", cohort, "--encoder", encoder, "--out", str(out / name)]
              for name, encoder, cohort in cells]
     outs = [str(out / name) for name, _, _ in cells]
     if len(argvs) == 1:
-        return [submit(config.slurm, argvs[0], job_name="raf-evaluate", out=outs[0])]
-    return submit_array(config.slurm, argvs, job_name="raf-evaluate", outs=outs)
+        return [submit(config.slurm, argvs[0], entry=args.entry, job_name="raf-evaluate", out=outs[0])]
+    return submit_array(config.slurm, argvs, entry=args.entry, job_name="raf-evaluate", outs=outs)
 
 
 def _submit_ingest(args: argparse.Namespace, config: RafConfig, common: list[str], out: Path) -> list:
     """One array task per share of the subjects, each `raf shards ingest --task-index i --num-tasks N`, then one
     `raf shards consolidate` job that SLURM starts when every task has succeeded (and cancels if one failed)."""
-    from rafmedia.launch.slurm import submit, submit_array
-
     if not args.input:
         raise UserError("raf submit ingest needs --input PATH (a CSV/TSV listing, a BIDS-like folder or a folder of "
                         "images)")
@@ -348,20 +331,18 @@ def _submit_ingest(args: argparse.Namespace, config: RafConfig, common: list[str
     # a bad subject is reported by the consolidation, not a failed task: the tasks always pass --skip-bad
     argvs = [["shards", "ingest", *common, "--input", str(listing.resolve()), "--out", str(out), "--skip-bad",
               "--task-index", str(index), "--num-tasks", str(args.num_tasks)] for index in range(args.num_tasks)]
-    tasks = submit_array(config.slurm, argvs, job_name="raf-ingest", outs=[str(out)] * len(argvs))
+    tasks = submit_array(config.slurm, argvs, entry=args.entry, job_name="raf-ingest", outs=[str(out)] * len(argvs))
     array_id = tasks[0].job_id.split("_")[0]
     after = dataclasses.replace(config.slurm, nodes=1, tasks_per_node=1, gpus_per_node=0,
                                 sbatch={**config.slurm.sbatch, "dependency": f"afterok:{array_id}",
                                         "kill_on_invalid_dep": "yes"})
-    consolidate = ["shards", "consolidate", str(out / "cohort.zarr"), "--num-tasks", str(args.num_tasks),
+    consolidate_argv = ["shards", "consolidate", str(out / "cohort.zarr"), "--num-tasks", str(args.num_tasks),
                    *(["--skip-bad"] if args.skip_bad else [])]
-    return [*tasks, submit(after, consolidate, job_name="raf-consolidate", out=str(out))]
+    return [*tasks, submit(after, consolidate_argv, entry=args.entry, job_name="raf-consolidate", out=str(out))]
 
 
 def evaluation_cells(args: argparse.Namespace, config: RafConfig) -> list[tuple[str, str, str]]:
     """(name, encoder, cohort) of every checkpoint x cohort cell of an evaluation sweep."""
-    import glob
-
     encoders = sorted({path for pattern in (args.encoder or config.evaluate.encoders) for path in
                        (glob.glob(pattern) or [pattern])})
     cohorts = list(args.cohort_list or ([config.evaluate.cohort] if config.evaluate.cohort else []))
@@ -379,8 +360,6 @@ def evaluation_cells(args: argparse.Namespace, config: RafConfig) -> list[tuple[
 
 def run_jobs(args: argparse.Namespace) -> list[dict]:
     """`raf jobs`: the project's SLURM jobs with their state; --tail JOB prints its logs, --cancel JOB cancels it."""
-    from rafmedia.launch.slurm import cancel, job_states, log_paths, recorded_jobs
-
     config = _config(args)
     entries = recorded_jobs(config.slurm.folder)
     if args.cancel:

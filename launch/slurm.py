@@ -21,7 +21,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from shutil import which
+from typing import Any, Callable, Sequence
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_text
@@ -79,7 +80,7 @@ class JobFailed(UserError):
 
 def wait_for(jobs: list[Any]) -> None:
     """Blocks until every job (or array task) ends; raises JobFailed naming the first that failed and its error."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError
+    from submitit.core.utils import FailedJobError, UncompletedJobError  # optional extra (rafmedia[slurm])
 
     for job in jobs:
         try:
@@ -97,16 +98,27 @@ def last_error(stderr: Path) -> str:
     return (errors or lines or ["no log written"])[-1]
 
 
-class RafJob:
-    """One `raf` command as a checkpointable SLURM job (submitit calls it in every task of the job)."""
+# A command line -> its exit code: `rafmedia.launch.cli.main`.
+Entry = Callable[[list[str]], int]
 
-    def __init__(self, argv: Sequence[str]):
+
+class RafJob:
+    """One `raf` command as a checkpointable SLURM job (submitit calls it in every task of the job).
+
+    Args:
+        argv: the command line after `raf`.
+        entry: the function that runs a command line as `raf` does and returns its exit code, given by whoever
+            submits (the CLI gives its own `main`). It is not imported here because the CLI imports this module
+            (cli -> commands -> slurm): importing the CLI back would close an import cycle. submitit pickles the
+            job, so `entry` must be a module-level function (pickled by reference).
+    """
+
+    def __init__(self, argv: Sequence[str], entry: Entry):
         self.argv = list(argv)
+        self.entry = entry
 
     def __call__(self) -> str:
-        from rafmedia.launch.cli import main
-
-        code = main(self.argv)
+        code = self.entry(self.argv)
         if code == 0:
             return "done"
         if code in REQUEUE_SIGNALS:
@@ -117,13 +129,13 @@ class RafJob:
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on the warning signal when it reaches the job outside our training loop."""
-        import submitit
+        import submitit  # optional extra (rafmedia[slurm]); present here since submitit runs this job
 
-        return submitit.helpers.DelayedSubmission(RafJob(self.argv))
+        return submitit.helpers.DelayedSubmission(RafJob(self.argv, self.entry))
 
     @staticmethod
     def requeue() -> None:
-        import submitit
+        import submitit  # optional extra (rafmedia[slurm]); present here since submitit runs this job
 
         environment = submitit.JobEnvironment()
         if environment.global_rank == 0:
@@ -135,7 +147,7 @@ class RafJob:
 
 def executor(config: SlurmConfig, job_name: str):
     try:
-        import submitit
+        import submitit  # optional extra (rafmedia[slurm]): only `raf submit` needs it
     except ImportError:
         raise UserError("raf submit needs submitit: pip install 'rafmedia[slurm]'") from None
     if not _has_slurm():
@@ -148,17 +160,19 @@ def executor(config: SlurmConfig, job_name: str):
     return runner
 
 
-def submit(config: SlurmConfig, argv: Sequence[str], *, job_name: str, out: str) -> Any:
-    """Submits `raf ARGV` as one job; records it in jobs.jsonl; returns the submitit job."""
-    job = executor(config, job_name).submit(RafJob(argv))
+def submit(config: SlurmConfig, argv: Sequence[str], *, entry: Entry, job_name: str, out: str) -> Any:
+    """Submits `raf ARGV` as one job, run by `entry` (see `RafJob`); records it in jobs.jsonl; returns the job."""
+    job = executor(config, job_name).submit(RafJob(argv, entry))
     record_jobs(config, [job], command=job_name, argvs=[argv], outs=[out])
     return job
 
 
-def submit_array(config: SlurmConfig, argvs: list[list[str]], *, job_name: str, outs: list[str]) -> list[Any]:
-    """Submits one array job with a task per `raf ARGV` (at most slurm.array_parallelism running at once)."""
+def submit_array(config: SlurmConfig, argvs: list[list[str]], *, entry: Entry, job_name: str,
+                 outs: list[str]) -> list[Any]:
+    """Submits one array job with a task per `raf ARGV`, each run by `entry` (at most slurm.array_parallelism
+    running at once)."""
     runner = executor(config, job_name)
-    jobs = runner.submit_array([RafJob(argv) for argv in argvs])
+    jobs = runner.submit_array([RafJob(argv, entry) for argv in argvs])
     record_jobs(config, jobs, command=job_name, argvs=argvs, outs=outs)
     return jobs
 
@@ -200,8 +214,6 @@ def log_paths(entry: dict[str, Any]) -> list[Path]:
 
 
 def _has_slurm() -> bool:
-    from shutil import which
-
     return which("sbatch") is not None and (which("sacct") is not None)
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rafmedia.core.config import Schema, packaged_names, read_yaml
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import did_you_mean
+from rafmedia.shards.alterations import list_alterations
+from rafmedia.shards.alterations.base import NUM_SEVERITIES
 
 SPEC_PACKAGE = "rafmedia.configs"
 SPEC_FOLDER = "cohorts"
@@ -142,9 +141,6 @@ class CohortSpec:
             raise UserError(f"key 'out_of_distribution.fraction': must be in (0, 1) or null, got {ood.fraction}")
 
     def _validate_challenging(self, challenging: ChallengingSpec) -> None:
-        from rafmedia.shards.alterations import list_alterations
-        from rafmedia.shards.alterations.base import NUM_SEVERITIES
-
         challenging.splits = challenging.splits or [name for name in self.splits if name != TRAIN]
         self._check_split_names("challenging.splits", challenging.splits)
         if not 0 <= challenging.fraction <= 1:
@@ -170,26 +166,18 @@ class CohortSpec:
 
 
 # ---- reading --------------------------------------------------------------------------------------
+# The spec's errors name a key "key 'x'" and an integer "a whole number", as they always have.
+SCHEMA = Schema(CohortSpec, type_names={int: "a whole number"})
+
+
 def packaged_specs() -> list[str]:
     """Names of the example specs shipped in rafmedia/configs/cohorts (usable in place of a path)."""
-    folder = resources.files(SPEC_PACKAGE).joinpath(SPEC_FOLDER)
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return packaged_names(SPEC_PACKAGE, SPEC_FOLDER)
 
 
 def load_spec(name_or_path: str | Path) -> CohortSpec:
     """Reads and validates a spec from a YAML path or a packaged name (e.g. "example")."""
-    path = Path(name_or_path)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-    elif str(name_or_path) in packaged_specs():
-        text = resources.files(SPEC_PACKAGE).joinpath(SPEC_FOLDER, f"{name_or_path}.yaml").read_text(encoding="utf-8")
-    else:
-        raise UserError(f"cohort spec '{name_or_path}' not found;{did_you_mean(str(name_or_path), packaged_specs())} "
-                        f"(give a YAML path or a packaged spec: {', '.join(packaged_specs())})")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserError(f"cohort spec '{name_or_path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+    data = read_yaml(name_or_path, package=SPEC_PACKAGE, folder=SPEC_FOLDER, what="cohort spec", packaged="spec")
     try:
         return spec_from_dict(data)
     except UserError as error:
@@ -202,57 +190,11 @@ def spec_from_dict(data: Any) -> CohortSpec:
         raise UserError(f"a cohort spec must be a mapping of keys, got {type(data).__name__}")
     if isinstance(data.get("imbalance"), dict):  # one entry may be written without the list
         data = {**data, "imbalance": [data["imbalance"]]}
-    spec = _build(CohortSpec, data, "")
+    spec = SCHEMA.build(data)
     spec.validate()
     return spec
 
 
 def spec_to_dict(spec: CohortSpec) -> dict[str, Any]:
+    """The spec as plain data (what `spec_from_dict` reads back)."""
     return dataclasses.asdict(spec)
-
-
-def _build(cls, data: Any, prefix: str):
-    if not isinstance(data, dict):
-        raise UserError(f"key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = did_you_mean(prefix + str(key), [prefix + n for n in names])
-            raise UserError(f"unknown key '{prefix}{key}';{close} "
-                            f"(valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)})")
-    return cls(**{key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()})
-
-
-def _coerce(value: Any, kind, key: str):
-    args = typing.get_args(kind)
-    if type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        kind = next(arg for arg in args if arg is not type(None))
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, f"{key}.")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"key '{key}' must be a list, got {value!r}")
-        return [_coerce(item, typing.get_args(kind)[0], f"{key}.{index}") for index, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"key '{key}' must be a mapping, got {value!r}")
-        item_kind = typing.get_args(kind)[1]
-        return {str(k): _coerce(v, item_kind, f"{key}.{k}") for k, v in value.items()}
-    return _scalar(value, kind, key)
-
-
-def _scalar(value: Any, kind, key: str):
-    if kind is Any:
-        return value
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    names = {int: "a whole number", float: "a number", str: "a string"}
-    raise UserError(f"key '{key}' must be {names.get(kind, kind)}, got {value!r}")

@@ -12,7 +12,7 @@ def test_plain_install_has_the_namespace_and_package_data(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True, text=True)
     installed = target / "rafmedia"
-    assert {p.name for p in installed.iterdir()} >= {"engine", "launch", "shards", "evaluate", "configs"}
+    assert {p.name for p in installed.iterdir()} >= {"core", "engine", "launch", "shards", "evaluate", "configs"}
     assert not (target / "engine").exists() and not (target / "evaluate").exists()  # no bare top-level modules
     assert (installed / "configs" / "default.yaml").is_file()
     assert (installed / "shards" / "alterations" / "intensity.py").is_file()

@@ -1,6 +1,5 @@
 """Patch-grid, mixed-precision and distributed embedding extraction, against plain embeddings, patches cut by
 hand, and a one-process run."""
-import socket
 import warnings
 from itertools import product
 
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rafmedia.core.errors import UserError
+from rafmedia.engine.distributed import free_port
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.evaluate.embed import extract_embeddings, extract_embeddings_distributed, extract_patch_embeddings
 from rafmedia.shards.alterations import create_alteration
@@ -141,12 +141,6 @@ def run_rank(rank, world_size, port, out_dir):
         np.save(f"{out_dir}/patched_rank{rank}.npy", patched)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_dist_two_gloo_ranks_return_exactly_the_one_process_embeddings_in_subject_order(tmp_path, one_thread):

@@ -2,7 +2,6 @@
 leaderboard, and subjects shared out among two torchrun ranks (real processes, gloo)."""
 import csv
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rafmedia.engine.distributed import free_port
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
 from rafmedia.evaluate.results import CellKey, ResultsStore
@@ -108,12 +108,6 @@ def test_a_rerun_computes_only_the_missing_cells_and_the_leaderboard_ranks_them(
     means = [row for row in rows if row["cohort"] == "all cohorts (mean)"]
     assert {row["encoder"] for row in means} == {"seed 0", "seed 1", "random-init cnn3d_small"}
     assert "| rank | encoder |" in board.stdout and (out / "leaderboard.html").read_text().count("<tr>") == len(rows) + 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def clean_keys_by_writer(cache: Path) -> dict[str, set]:

@@ -1,4 +1,5 @@
 """The `raf` command as a user runs it: real subprocesses, exit codes, one-line errors, a tiny quickstart."""
+import argparse
 import json
 import os
 import subprocess
@@ -6,6 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+
+from rafmedia.launch.cli import build_parser, main
+from rafmedia.launch.commands import LISTINGS
 
 RAF = [sys.executable, "-m", "rafmedia.launch.cli"]
 
@@ -17,6 +21,8 @@ def raf(*args, cwd=None):
 
 @pytest.mark.parametrize("args, message", [
     (["sinth"], "unknown command 'sinth'; did you mean 'synth'"),
+    (["submit", "pretrian", "tiny"], "'pretrian' is not a choice for what; did you mean 'pretrain'? (choose from: "
+     "pretrain, evaluate, ingest)"),
     (["synth", "train.lrr=1"], "did you mean 'train.lr'"),
     (["synth", "cohort.num_subjects=many"], "'cohort.num_subjects' must be an integer"),
     (["pretrain", "--cohort", "/no/such/store"], "cohort store not found: /no/such/store"),
@@ -42,10 +48,6 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_pa
 
 def _leaf_commands(parser=None, prefix=()):
     """Every runnable `raf` command, read from the parser itself so a new command cannot be forgotten."""
-    import argparse
-
-    from rafmedia.launch.cli import build_parser
-
     parser = parser or build_parser()
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subparsers:
@@ -54,8 +56,6 @@ def _leaf_commands(parser=None, prefix=()):
 
 
 def test_every_subcommand_has_help_with_examples(capsys):
-    from rafmedia.launch.cli import main
-
     commands = _leaf_commands()
     assert {"synth", "shards ingest", "shards consolidate", "shards datasheet", "cohort build"} <= set(commands)
     for command in commands:
@@ -65,6 +65,19 @@ def test_every_subcommand_has_help_with_examples(capsys):
         assert exit_info.value.code == 0 and text.startswith("usage: raf " + command), command
         if command not in ("list", "report"):
             assert "examples:" in text, f"`raf {command} --help` has no examples"
+
+
+def test_raf_list_prints_each_registry_and_launchers_in_detection_order(capsys):
+    for what in LISTINGS:
+        assert main(["list", what]) == 0
+        names = capsys.readouterr().out.split()
+        assert names == LISTINGS[what]() and names, what
+    main(["list", "launchers"])
+    assert capsys.readouterr().out.split() == ["torchrun", "slurm", "openmpi", "mpich"]
+    assert main(["list", "encoders"]) == 0 and "cnn3d_small" in capsys.readouterr().out
+    assert main(["list", "launcher"]) == 2
+    assert capsys.readouterr().err == ("raf: error: 'launcher' is not a choice for what; did you mean 'launchers'? "
+                                       f"(choose from: {', '.join(sorted(LISTINGS))}) (see `raf list --help`)\n")
 
 
 def test_tiny_quickstart_end_to_end(tmp_path):

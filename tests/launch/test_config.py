@@ -2,7 +2,7 @@
 import pytest
 
 from rafmedia.core.errors import UserError
-from rafmedia.launch.config import load_config, packaged_configs, parse_override
+from rafmedia.launch.config import load_config, packaged_configs
 
 
 def test_packaged_defaults_and_overrides_merge_in_order(tmp_path):
@@ -31,7 +31,7 @@ def test_packaged_config_by_name():
     ("cohort.sites.7.noise_std=1", "config key 'cohort.sites.7': '7' is not an index"),
     ("cohort.sites.0.noise=1", "unknown config key 'cohort.sites.0.noise'; did you mean 'cohort.sites.0.noise_std'"),
     ("evaluate.seeds=3", "config key 'evaluate.seeds' must be a list"),
-    ("train.steps", "not of the form key=value"),
+    ("train.steps", "override 'train.steps' is not of the form key=value (for example train.steps=100)"),
     ("train.steps.x=1", "'train.steps' is a value, not a section"),
 ])
 def test_bad_overrides_name_the_key(override, message):
@@ -46,11 +46,6 @@ def test_missing_and_invalid_config_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(bad))
-
-
-def test_parse_override_reads_yaml_values():
-    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
-    assert parse_override("a=true") == (["a"], True)
 
 
 def test_options_written_for_one_component_are_dropped_when_another_is_picked(tmp_path):

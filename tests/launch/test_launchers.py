@@ -5,7 +5,6 @@ the uninterrupted run's weights."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rafmedia.engine.distributed import free_port
 from tests.launch.helpers import RAF, losses, make_cohort
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "OMPI_ALLOW_RUN_AS_ROOT": "1",
        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 WORKER = Path(__file__).resolve().parents[1] / "engine" / "dist_train_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
