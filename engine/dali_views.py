@@ -7,12 +7,13 @@
     volumes (B, C, D, H, W) ----------------> fn.external_source --> [crop | resized crop] -> 90-degree rotation
         -> arbitrary rotation -> flip -> gaussian blur -> intensity jitter -> gaussian noise --> two views
 
-Every random choice except the noise field is drawn from the caller's `torch.Generator`, in the same order as the
-torch functions of `views.py` draw them (`random_crop_starts`, `random_flip`, `gaussian_blur`, `intensity_jitter`),
-and fed to DALI as per-sample argument inputs. So the engine can swap one view maker for the other, the same seed
-gives the same crops, flips and gains on both paths, and each DALI op can be checked against its torch reference
-with identical parameters (tests/engine/test_dali_views.py). The noise field is DALI's own (`fn.noise.gaussian`,
-seeded once when the pipeline is built): generating it in torch would defeat the GPU backend.
+Every random choice except the noise field is drawn from the caller's `torch.Generator` by the same draw functions
+the torch operations of `views.py` use (`TwoCropViews.corners`, `draw_flips`, `draw_rotations`, `draw_blur`,
+`draw_jitter`), in the same order, and fed to DALI as per-sample argument inputs. So the engine can swap one view
+maker for the other, the same seed gives the same crops, flips and gains on both paths, and each DALI op can be
+checked against its torch reference with identical parameters (tests/engine/test_dali_views.py). The noise field
+is DALI's own (`fn.noise.gaussian`, seeded once when the pipeline is built): generating it in torch would defeat
+the GPU backend.
 
 Layout: DALI's 3D geometric operators (rotate, resize, blur) take channel-last volumes, so samples travel as DHWC
 and are turned back into (B, C, D, H, W) at the end. `device="cpu"` runs DALI's CPU backend (what CI tests);
@@ -26,18 +27,20 @@ Known differences from the torch references (each is tested or documented in doc
 - arbitrary rotation: DALI's `fn.rotate`, linear interpolation, zero fill, about the volume centre.
 
 DALI is an optional dependency (`pip install -c constraints.txt -e ".[dali]"`), imported only when a pipeline
-is built, so importing this module is cheap.
+is built, so importing this module is cheap. `DaliViews` is a `TwoCropViews` (same settings, same draws) whose
+`__call__` runs the DALI pipeline; it refuses the two settings DALI has no op for here (gamma, bias_field).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from rafmedia.core.errors import UserError
-from rafmedia.engine.views import ROTATIONS_3D, random_crop_starts
+from rafmedia.engine.views import (ROTATIONS_3D, TwoCropViews, draw_blur, draw_flips, draw_jitter, draw_rotations,
+                                   uniform)
 
 LAYOUT = "DHWC"
 IDENTITY_SIGMA = 1e-3  # a blur of this sigma is the identity; the torch path clamps sigma to the same value
@@ -51,7 +54,7 @@ ROTATION_AXIS_ANGLE: tuple[tuple[tuple[float, float, float], float], ...] = tupl
 def import_dali():
     """The `nvidia.dali` modules (fn, types, pipeline_def), or a UserError naming the extra to install."""
     try:
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def, types  # an optional extra: imported only to build a pipeline
     except ImportError as error:
         raise UserError("the DALI view pipeline needs NVIDIA DALI: pip install -c constraints.txt -e \".[dali]\" "
                         f"(it installs nvidia-dali-cuda120; import failed: {error})") from error
@@ -59,10 +62,6 @@ def import_dali():
 
 
 # ---- parameters, drawn in torch from the caller's generator --------------------------------------------------
-def _uniform(generator: torch.Generator, low: float, high: float, size: tuple[int, ...]) -> torch.Tensor:
-    return low + (high - low) * torch.rand(size, generator=generator)
-
-
 @dataclass
 class ViewParameters:
     """Per-sample parameters of one view (numpy, one row per sample), fed to the DALI graph."""
@@ -105,25 +104,14 @@ class ViewParameters:
         return feeds
 
 
-def draw_flips(generator: torch.Generator, batch: int, probability: float) -> np.ndarray:
-    """The draw of `views.random_flip`: flip axis d of sample b when U(0,1) < probability."""
-    return (torch.rand((batch, 3), generator=generator) < probability).numpy().astype(np.int32)
-
-
 def draw_blur_sigmas(generator: torch.Generator, batch: int, max_sigma: float, probability: float) -> np.ndarray:
-    """The draws of `views.gaussian_blur`: sigma ~ U(0, max_sigma), kept with `probability` (else the identity)."""
+    """The draws of `views.gaussian_blur` (`views.draw_blur`) as one sigma per sample: a sample not chosen for
+    blur gets the identity sigma."""
     if max_sigma <= 0:
         return np.full(batch, IDENTITY_SIGMA, np.float32)
-    sigmas = _uniform(generator, 0.0, max_sigma, (batch,)).clamp(min=IDENTITY_SIGMA)
-    chosen = torch.rand((batch,), generator=generator) < probability
+    sigmas, chosen = draw_blur(generator, batch, max_sigma, probability)
+    sigmas = sigmas.clamp(min=IDENTITY_SIGMA)
     return torch.where(chosen, sigmas, torch.full_like(sigmas, IDENTITY_SIGMA)).numpy()
-
-
-def draw_jitter(generator: torch.Generator, batch: int, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray]:
-    """The draws of `views.intensity_jitter`: gain ~ U(1-scale, 1+scale), offset ~ U(-shift, shift)."""
-    gains = _uniform(generator, 1 - scale, 1 + scale, (batch,))
-    offsets = _uniform(generator, -shift, shift, (batch,))
-    return gains.numpy(), offsets.numpy()
 
 
 def blur_window(max_sigma: float) -> int:
@@ -198,7 +186,7 @@ def build_pipeline(views: "DaliViews", batch_size: int):
 def to_torch(tensor_list, device: str) -> torch.Tensor:
     """A DALI output batch (DHWC samples of equal shape) as a (B, C, D, H, W) float32 torch tensor."""
     if device == "gpu":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray  # the optional DALI extra, as in import_dali
 
         dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device="cuda")
@@ -210,14 +198,11 @@ def to_torch(tensor_list, device: str) -> torch.Tensor:
 
 # ---- the view maker ---------------------------------------------------------------------------------------------
 @dataclass
-class DaliViews:
-    """Two augmented crops per volume, made by a DALI pipeline: the call contract of `views.TwoCropViews`.
+class DaliViews(TwoCropViews):
+    """Two augmented crops per volume, made by a DALI pipeline: a `views.TwoCropViews` run by DALI.
 
-    Settings shared with TwoCropViews mean the same and draw the same way. Extra settings:
-        resized_crop_scale: crop side range, as fractions of `crop_size`, before resizing to `crop_size`
-            ((1, 1): plain crops); e.g. (0.75, 1.25) zooms in and out by up to 25%.
-        rotate90: rotate each view by one of the 10 rotations of `views.ROTATIONS_3D` (identity included).
-        max_rotation_degrees: an arbitrary rotation about a random axis, angle ~ U(-m, m) degrees.
+    The settings of TwoCropViews mean the same and draw the same way (gamma and bias_field must stay 0: DALI has
+    no op for them here). Extra settings:
         device: "cpu" (DALI's CPU backend) or "gpu"; num_threads: DALI worker threads; seed: the noise seed.
 
     Example:
@@ -225,32 +210,22 @@ class DaliViews:
         out = views(volumes_BCDHW, torch.Generator().manual_seed(0))  # {"view_a": ..., "view_b": ...}
     """
 
-    crop_size: int = 40
-    max_shift: int = 12
-    flip_probability: float = 0.5
-    intensity_scale: float = 0.2
-    intensity_shift: float = 0.2
-    noise_std: float = 0.2
-    blur_sigma: float = 0.0
-    blur_probability: float = 0.5
-    resized_crop_scale: tuple[float, float] = (1.0, 1.0)
-    rotate90: bool = False
-    max_rotation_degrees: float = 0.0
     device: str = "cpu"
     num_threads: int = 2
     seed: int = 0
     _pipelines: dict[int, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.device not in ("cpu", "gpu"):
             raise UserError(f"DaliViews device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.device == "gpu" and not torch.cuda.is_available():
             raise UserError("DaliViews(device='gpu') needs a CUDA device and none is visible; use device='cpu' or "
                             "DaliViews.for_available_device()")
-        low, high = self.resized_crop_scale
-        if not 0 < low <= high:
-            raise UserError("resized_crop_scale must be (low, high) with 0 < low <= high, "
-                            f"got {self.resized_crop_scale}")
+        unsupported = {name: getattr(self, name) for name in ("gamma", "bias_field") if getattr(self, name)}
+        if unsupported:
+            raise UserError(f"DaliViews has no gamma or bias-field op, got {unsupported}: set them to 0 or keep the "
+                            "torch view maker (TwoCropViews)")
 
     @classmethod
     def for_available_device(cls, **settings) -> "DaliViews":
@@ -258,22 +233,11 @@ class DaliViews:
         return cls(device="gpu" if torch.cuda.is_available() else "cpu", **settings)
 
     @classmethod
-    def like(cls, torch_views, **settings) -> "DaliViews":
-        """The DALI twin of a `TwoCropViews` (same crop, resize, rotation, flip, jitter, noise and blur settings), e.g.
+    def like(cls, torch_views: TwoCropViews, **settings) -> "DaliViews":
+        """The DALI twin of a `TwoCropViews` (all its settings), e.g.
         `task.views = DaliViews.like(task.views, device="gpu")`. Refuses settings DALI has no op for here."""
-        unsupported = {name: getattr(torch_views, name) for name in ("gamma", "bias_field")
-                       if getattr(torch_views, name, 0.0)}
-        if unsupported:
-            raise UserError(f"DaliViews has no gamma or bias-field op; {type(torch_views).__name__} sets "
-                            f"{unsupported}: set them to 0 or keep the torch view maker")
-        shared = {name: getattr(torch_views, name) for name in ("crop_size", "max_shift", "flip_probability",
-                  "intensity_scale", "intensity_shift", "noise_std", "blur_sigma", "resized_crop_scale", "rotate90",
-                  "max_rotation_degrees") if hasattr(torch_views, name)}
+        shared = {item.name: getattr(torch_views, item.name) for item in fields(TwoCropViews) if item.init}
         return cls(**{**shared, **settings})
-
-    @property
-    def resizes(self) -> bool:
-        return tuple(self.resized_crop_scale) != (1.0, 1.0)
 
     def __getstate__(self):  # picklable into DataLoader workers: each process builds its own pipeline
         return {**self.__dict__, "_pipelines": {}}
@@ -282,36 +246,24 @@ class DaliViews:
     def draw(self, generator: torch.Generator, spatial: tuple[int, int, int],
              batch: int) -> tuple[ViewParameters, ViewParameters]:
         """Both views' parameters, drawn in TwoCropViews' order (crops first, then each view's augmentations)."""
-        crop = self.crop_size
-        starts_a = random_crop_starts(generator, spatial, crop, batch)
-        shift = torch.randint(-self.max_shift, self.max_shift + 1, (batch, 3), generator=generator)
-        sides = [np.full(batch, crop), np.full(batch, crop)]
-        if self.resizes:
-            low, high = self.resized_crop_scale
-            for view in range(2):
-                drawn = torch.round(_uniform(generator, low * crop, high * crop, (batch,))).long()
-                sides[view] = drawn.clamp(1, min(spatial)).numpy()
-        highs_a = torch.tensor(spatial)[None] - torch.from_numpy(sides[0])[:, None]
-        highs_b = torch.tensor(spatial)[None] - torch.from_numpy(sides[1])[:, None]
-        starts_a = torch.minimum(starts_a, highs_a)  # a larger resized crop still fits the volume
-        starts_b = torch.minimum(torch.clamp(starts_a + shift, min=0), highs_b)
-        return (self._augmentations(generator, batch, starts_a.numpy(), sides[0]),
-                self._augmentations(generator, batch, starts_b.numpy(), sides[1]))
+        starts_a, starts_b, sides_a, sides_b = self.corners(generator, spatial, batch)
+        return (self._augmentations(generator, batch, starts_a.numpy(), sides_a.numpy()),
+                self._augmentations(generator, batch, starts_b.numpy(), sides_b.numpy()))
 
     def _augmentations(self, generator: torch.Generator, batch: int, starts, sides) -> ViewParameters:
-        flips = draw_flips(generator, batch, self.flip_probability)
+        flips = draw_flips(generator, batch, self.flip_probability).numpy().astype(np.int32)
         rotations = (torch.randint(0, len(ROTATIONS_3D), (batch,), generator=generator).numpy() if self.rotate90
                      else np.zeros(batch, np.int64))
         angles, axes = np.zeros(batch, np.float32), np.tile(np.float32([0, 0, 1]), (batch, 1))
         if self.max_rotation_degrees > 0:
-            angles = _uniform(generator, -self.max_rotation_degrees, self.max_rotation_degrees, (batch,)).numpy()
-            axes = torch.nn.functional.normalize(torch.randn((batch, 3), generator=generator), dim=1).numpy()
+            degrees, unit_axes = draw_rotations(generator, batch, self.max_rotation_degrees)
+            angles, axes = degrees.numpy(), unit_axes.numpy()
         sigmas = draw_blur_sigmas(generator, batch, self.blur_sigma, self.blur_probability)
         gains, offsets = draw_jitter(generator, batch, self.intensity_scale, self.intensity_shift)
-        noise_stds = (_uniform(generator, 0.0, self.noise_std, (batch,)).numpy() if self.noise_std > 0
+        noise_stds = (uniform(generator, 0.0, self.noise_std, (batch,)).numpy() if self.noise_std > 0
                       else np.zeros(batch, np.float32))  # as views.gaussian_noise: no draw when off
-        return ViewParameters(np.asarray(starts), np.asarray(sides), rotations, angles, axes, flips, sigmas, gains,
-                              offsets, noise_stds)
+        return ViewParameters(np.asarray(starts), np.asarray(sides), rotations, angles, axes, flips, sigmas,
+                              gains.numpy(), offsets.numpy(), noise_stds)
 
     # -- running ---------------------------------------------------------------------------------------------------
     def run(self, volumes_BCDHW: torch.Tensor, view_a: ViewParameters,

@@ -19,6 +19,7 @@ from rafmedia.engine.export import export_encoder
 from rafmedia.engine.tasks import TaskConfig, check_compatible, create_task, task_data_kind
 from rafmedia.engine.train import TrainConfig, train
 from rafmedia.shards.store import CohortStore
+from rafmedia.shards.streaming import StreamConfig, build_stream_loader
 from rafmedia.shards.volumes import load_volumes
 
 ENCODER_FILE = "encoder.safetensors"
@@ -48,11 +49,9 @@ def load_task_inputs(store: CohortStore, subject_ids: list[str], data: DataConfi
 def build_batches(data: DataConfig, kind: str, views, train_config: TrainConfig, place: Place, progress: bool):
     """This rank's batch source: views of in-memory volumes, or of patches streamed from the store."""
     if data.source == "stream":
-        from rafmedia.shards.streaming import StreamConfig, build_stream_loader
-
         paired = kind == "paired"
-        stream = StreamConfig(sampler="paired" if paired else "uniform",
-                              sampler_options={"patch_size": data.patch_size, **({"channels": data.channels} if paired else {})},
+        sampler_options = {"patch_size": data.patch_size, **({"channels": data.channels} if paired else {})}
+        stream = StreamConfig(sampler="paired" if paired else "uniform", sampler_options=sampler_options,
                               channels=data.channels if paired else [data.channel],
                               patches_per_subject=data.patches_per_subject, batch_size=train_config.batch_size,
                               seed=train_config.seed, epochs=None, num_workers=data.num_workers)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 from rafmedia.core.errors import Preempted, UserError
 from rafmedia.core.files import atomic_write_text
@@ -55,7 +60,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
-            raise UserError(f"train.steps must be >= 1 and train.batch_size >= 2, got {self.steps} and {self.batch_size}")
+            raise UserError(f"train.steps must be >= 1 and train.batch_size >= 2, got {self.steps} and "
+                            f"{self.batch_size}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
         if self.grad_accum_steps < 1:
@@ -103,20 +109,16 @@ def build_profiler(config: TrainConfig, out_dir: Path, place: Place):
     profiler plugin or https://ui.perfetto.dev open it); a no-op context when profiling is off."""
     if config.profile_steps <= 0:
         return contextlib.nullcontext(None)
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     return profile(activities=activities, record_shapes=True, with_flops=True,
                    schedule=schedule(wait=config.profile_start - 1, warmup=1, active=config.profile_steps, repeat=1),
                    on_trace_ready=tensorboard_trace_handler(str(out_dir / "profile"), worker_name=f"rank{place.rank}"))
 
 
-def build_ema(task: nn.Module, config: TrainConfig) -> torch.optim.swa_utils.AveragedModel | None:
+def build_ema(task: nn.Module, config: TrainConfig) -> AveragedModel | None:
     """An exponential moving average of the encoder's weights and buffers (torch's AveragedModel)."""
     if config.ema_decay <= 0:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     return AveragedModel(task.encoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
 
 
@@ -126,12 +128,7 @@ class MetricLogger:
     def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool):
         self.path, self.enabled, self.writer = out_dir / "metrics.jsonl", enabled, None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("note: tensorboard is not installed, logging to metrics.jsonl only (pip install tensorboard)")
-            else:
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def drop_from(self, step: int) -> None:
         """On resume, forgets records of steps the checkpoint does not cover (they will be logged again)."""
@@ -163,8 +160,6 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -179,7 +174,8 @@ class StopRequest:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
 
 
 def _as_float(value: Any) -> float:
@@ -213,8 +209,6 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
 
 def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: bool, place: Place,
          device: torch.device) -> TrainResult:
-    from tqdm.auto import tqdm
-
     ema = build_ema(task, config)
     source = as_batch_source(batches)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +230,8 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
         for step in bar:
             began = time.perf_counter()
             try:
-                outputs = [wrapper.micro_step(to_device(source.next(), device), boundary=micro == config.grad_accum_steps - 1)
+                outputs = [wrapper.micro_step(to_device(source.next(), device),
+                                              boundary=micro == config.grad_accum_steps - 1)
                            for micro in range(config.grad_accum_steps)]
             except NonFiniteLoss as error:
                 raise UserError(f"{error} at step {step}; stopped. The last good checkpoint is kept in {checkpoints}: "
@@ -256,7 +251,8 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
             if profiler is not None:
                 profiler.step()
             stopping = any_rank(stop.signal_name is not None, device)
-            if stopping or step + 1 == config.steps or (config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0):
+            checkpoint_due = config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0
+            if stopping or step + 1 == config.steps or checkpoint_due:
                 save(step + 1)
             if stopping:
                 logger.close()

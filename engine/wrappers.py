@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rafmedia.core.environment import temporary_environ
 from rafmedia.core.errors import UserError
@@ -81,8 +82,6 @@ class TorchWrapper:
         self.device, self.dtype = device, PRECISIONS[config.precision]
         self.model: nn.Module = task
         if distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.model = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
@@ -163,8 +162,9 @@ def import_deepspeed():
     """Imports DeepSpeed. On CPU its shared-memory all-reduce op would be JIT-compiled (minutes) at the first
     `init_distributed`; gloo's all-reduce is used instead."""
     try:
+        # an optional extra (rafmedia[deepspeed]): imported only when the deepspeed wrapper is built
         import deepspeed
-        import deepspeed.ops
+        import deepspeed.ops  # the same extra (its op registry, switched below on CPU)
     except ImportError:
         raise UserError("train.wrapper=deepspeed needs DeepSpeed: pip install 'rafmedia[deepspeed]' "
                         "(DS_BUILD_OPS=0 pip install deepspeed compiles nothing at install time)") from None
@@ -246,7 +246,7 @@ class DeepSpeedWrapper:
     def close(self) -> None:
         """Ends the one-process group made for DeepSpeed, so that the process is as it was before the run."""
         if self.owns_group and torch.distributed.is_initialized():
-            import deepspeed.comm
+            import deepspeed.comm  # the optional extra, already loaded by import_deepspeed
 
             deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so a next run can start
 

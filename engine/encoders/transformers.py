@@ -25,11 +25,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.networks.nets import ViT
+from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import did_you_mean, unknown_name_error
 from rafmedia.engine.encoders.base import ENCODERS, PooledEncoder
+from rafmedia.engine.torchvision_compat import import_timm
+from rafmedia.shards.sampling import as_triple
 
 VIT_SIZES = {  # name: (hidden_size, num_layers, num_heads), as timm's ViT-Ti/S/B
     "tiny": (192, 12, 3),
@@ -40,13 +44,6 @@ VIT_POOLS = ("mean", "cls")
 SLICE_AXES = {"D": 2, "H": 3, "W": 4}
 
 
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    values = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(values) != 3 or min(values) < 1:
-        raise UserError(f"{name} must be a positive int or three positive ints, got {value!r}")
-    return values  # type: ignore[return-value]
-
-
 class MonaiViT3d(PooledEncoder):
     """MONAI's 3D ViT; features = patch tokens on their (d, h, w) grid; pooled = token mean or CLS token."""
 
@@ -54,9 +51,7 @@ class MonaiViT3d(PooledEncoder):
                  hidden_size: int = 96, num_layers: int = 4, num_heads: int = 3, mlp_ratio: float = 4.0,
                  pool: str = "mean", dropout_rate: float = 0.0):
         super().__init__()
-        from monai.networks.nets import ViT
-
-        img, patch = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
+        img, patch = as_triple(img_size, "img_size"), as_triple(patch_size, "patch_size")
         if any(i % p for i, p in zip(img, patch)):
             raise UserError(f"img_size {img} must be divisible by patch_size {patch} on every axis "
                             f"(e.g. img_size=96 with patch_size=16)")
@@ -109,8 +104,6 @@ class SwinEncoder3d(PooledEncoder):
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, drop_path_rate: float = 0.0,
                  use_v2: bool = False):
         super().__init__()
-        from monai.networks.nets.swin_unetr import SwinTransformer
-
         if feature_size % 12:
             raise UserError(f"swin feature_size must be divisible by 12 (as in SwinUNETR), got {feature_size}")
         self.swinViT = SwinTransformer(  # same arguments as SwinUNETR builds it, so its keys load there
@@ -139,9 +132,7 @@ class Timm2dSlices(PooledEncoder):
     def __init__(self, backbone: str = "resnet18", in_channels: int = 1, axis: str = "D", neighbours: int = 0,
                  pretrained: bool = False, **backbone_options):
         super().__init__()
-        from rafmedia.engine.torchvision_compat import import_timm
-
-        timm = import_timm()
+        timm = import_timm()  # here, not at import: torchvision's CPU fallback must be set up before its first import
         if axis not in SLICE_AXES:
             raise unknown_name_error("slice axis", axis, SLICE_AXES)
         if neighbours < 0:

@@ -10,7 +10,9 @@
 A task is registered with tags the config validation reads without building anything:
 - `encoder_families`: the encoder families it works with (`ENCODERS.tags(name)["family"]`), None for any;
 - `data`: what the data pipeline feeds its view maker: "image" (the image channel(s), default), "label"
-  (the label map, as float class indices), or "paired" (two channels of one subject, `data.channels`).
+  (the label map, as float class indices), or "paired" (two channels of one subject, `data.channels`);
+- `options_from`: the view maker class a factory passes its `**view_options` to; its settings are then task
+  options too (`task.options.noise_std=...`), and any other name is refused with the valid ones listed.
 
 The trainer never names a task; it builds one with `create_task(name, encoder=..., **options)`. Each module of
 the `rafmedia.engine.tasks` package registers its tasks when the package imports it.
@@ -23,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.registry import Registry
+from rafmedia.core.registry import Registry, unknown_name_error
 from rafmedia.engine.encoders import ENCODERS
 
 TASKS: Registry[nn.Module] = Registry("pretext task")
@@ -56,6 +58,14 @@ def check_compatible(task_name: str, encoder_name: str) -> None:
 # Normalisation in a task's MLP head. "batch" helps small CNNs learn (see TwoCropContrastive); "layer" and "none" make
 # each sample's loss independent of the rest of the batch (what DDP equivalence tests and tiny batches need).
 HEAD_NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": lambda features: nn.Identity()}
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, norm: str = "batch") -> nn.Sequential:
+    """A task's projection or classification head: Linear -> `HEAD_NORMS[norm]` -> ReLU -> Linear."""
+    if norm not in HEAD_NORMS:
+        raise unknown_name_error("head norm", norm, HEAD_NORMS)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), HEAD_NORMS[norm](hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
 
 
 @dataclass

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.engine.tasks.base import TASKS
+from rafmedia.engine.tasks.base import TASKS, mlp_head
 from rafmedia.engine.views import TwoCropViews
 
 
@@ -37,9 +37,7 @@ class TwoCropContrastive(nn.Module):
         self.encoder = encoder
         self.views = views
         self.temperature = temperature
-        self.head = nn.Sequential(
-            nn.Linear(encoder.embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, projection_dim))
+        self.head = mlp_head(encoder.embed_dim, hidden_dim, projection_dim)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         both = torch.cat([batch["view_a"], batch["view_b"]])
@@ -48,12 +46,9 @@ class TwoCropContrastive(nn.Module):
         return {"loss": loss, "pair_accuracy": accuracy.detach()}
 
 
-@TASKS.register("contrastive_two_crop")
+@TASKS.register("contrastive_two_crop", options_from=TwoCropViews)
 def contrastive_two_crop(encoder: nn.Module, temperature: float = 0.2, projection_dim: int = 64, hidden_dim: int = 256,
-                         crop_size: int = 40, max_shift: int = 12, flip_probability: float = 0.5,
-                         intensity_scale: float = 0.2, intensity_shift: float = 0.2, noise_std: float = 0.2,
-                         blur_sigma: float = 0.0, gamma: float = 0.0, bias_field: float = 0.0) -> nn.Module:
-    views = TwoCropViews(crop_size=crop_size, max_shift=max_shift, flip_probability=flip_probability,
-                         intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std,
-                         blur_sigma=blur_sigma, gamma=gamma, bias_field=bias_field)
-    return TwoCropContrastive(encoder, views, projection_dim=projection_dim, hidden_dim=hidden_dim, temperature=temperature)
+                         **view_options) -> nn.Module:
+    """`view_options` are `TwoCropViews` settings (crop_size, max_shift, noise_std, ...)."""
+    return TwoCropContrastive(encoder, TwoCropViews(**view_options), projection_dim=projection_dim,
+                              hidden_dim=hidden_dim, temperature=temperature)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.engine.tasks.base import TASKS
-from rafmedia.engine.views import TwoCropViews, gaussian_noise, intensity_jitter, random_crop_starts
+from rafmedia.engine.tasks.base import TASKS, mlp_head
+from rafmedia.engine.views import IntensityOptions, TwoCropViews, crop, random_crop_starts
 
 
 # ---------------------------------------------------------------------------------------------- CPC views
@@ -32,24 +32,25 @@ def patch_grid(volumes_BCDHW: torch.Tensor, starts_B3: torch.Tensor, grid: int, 
 
     Returns (B, G, G, G, C, P, P, P): patch (i, j, k) of sample b starts at `starts_B3[b] + stride * (i, j, k)`.
     """
-    extent = stride * (grid - 1) + patch_size
-    regions = torch.stack([v[:, d:d + extent, h:h + extent, w:w + extent]
-                           for v, (d, h, w) in zip(volumes_BCDHW, starts_B3.tolist())])
+    regions = crop(volumes_BCDHW, starts_B3, stride * (grid - 1) + patch_size)
     patches = regions.unfold(2, patch_size, stride).unfold(3, patch_size, stride).unfold(4, patch_size, stride)
     return patches.permute(0, 2, 3, 4, 1, 5, 6, 7).contiguous()  # (B, C, G, G, G, P, P, P) -> grid first
 
 
 @dataclass
-class PatchGridViews:
+class PatchGridViews(IntensityOptions):
     """A grid of overlapping patches at a random place in each volume; each patch jittered and noised on its own
     (so neighbouring patches cannot be matched by their shared intensity offset alone)."""
 
     grid: int = 3
     patch_size: int = 16
-    stride: int = 8
-    intensity_scale: float = 0.1
+    stride: int | None = None  # None: half the patch size
+    intensity_scale: float = 0.1  # IntensityOptions' settings, with this view maker's defaults
     intensity_shift: float = 0.1
     noise_std: float = 0.1
+
+    def __post_init__(self):
+        self.stride = self.stride or self.patch_size // 2
 
     @property
     def extent(self) -> int:
@@ -59,9 +60,7 @@ class PatchGridViews:
         batch = volumes_BCDHW.shape[0]
         starts = random_crop_starts(generator, volumes_BCDHW.shape[2:], self.extent, batch)
         patches = patch_grid(volumes_BCDHW, starts, self.grid, self.patch_size, self.stride)
-        flat = patches.flatten(0, 3)  # each patch is one sample for the augmentations
-        flat = gaussian_noise(intensity_jitter(flat, generator, self.intensity_scale, self.intensity_shift),
-                              generator, self.noise_std)
+        flat = self.augment_intensity(patches.flatten(0, 3), generator)  # each patch is one sample here
         return {"patches": flat.view(patches.shape), "starts": starts}
 
 
@@ -136,14 +135,13 @@ class ContrastivePredictiveCoding3d(nn.Module):
         return {"loss": torch.stack(losses).mean(), "accuracy": torch.stack(accuracies).mean().detach()}
 
 
-@TASKS.register("cpc_3d")
-def cpc_3d(encoder: nn.Module, grid: int = 3, patch_size: int = 16, stride: int | None = None,
-           prediction_steps: int = 2, context_dim: int = 128, projection_dim: int = 64, temperature: float = 0.1,
-           intensity_scale: float = 0.1, intensity_shift: float = 0.1, noise_std: float = 0.1) -> nn.Module:
-    views = PatchGridViews(grid=grid, patch_size=patch_size, stride=stride or patch_size // 2,
-                           intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std)
-    return ContrastivePredictiveCoding3d(encoder, views, context_dim=context_dim, projection_dim=projection_dim,
-                                         prediction_steps=prediction_steps, temperature=temperature)
+@TASKS.register("cpc_3d", options_from=PatchGridViews)
+def cpc_3d(encoder: nn.Module, prediction_steps: int = 2, context_dim: int = 128, projection_dim: int = 64,
+           temperature: float = 0.1, **view_options) -> nn.Module:
+    """`view_options` are `PatchGridViews` settings (grid, patch_size, stride, noise_std, ...)."""
+    return ContrastivePredictiveCoding3d(encoder, PatchGridViews(**view_options), context_dim=context_dim,
+                                         projection_dim=projection_dim, prediction_steps=prediction_steps,
+                                         temperature=temperature)
 
 
 # ---------------------------------------------------------------------------------------------- exemplar
@@ -169,8 +167,7 @@ class ExemplarNetwork(nn.Module):
         self.encoder = encoder
         self.views = views
         self.margin = margin
-        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                  nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim))
+        self.head = mlp_head(encoder.embed_dim, hidden_dim, projection_dim)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         z_a, z_b = self.head(self.encoder(torch.cat([batch["view_a"], batch["view_b"]]))).chunk(2)
@@ -180,13 +177,14 @@ class ExemplarNetwork(nn.Module):
         return {"loss": loss, "pair_accuracy": accuracy}
 
 
-@TASKS.register("exemplar")
+# "heavily augmented": wider shifts and jitter than contrastive_two_crop, plus blur, gamma and quarter turns
+EXEMPLAR_VIEWS = {"max_shift": 16, "intensity_scale": 0.3, "intensity_shift": 0.3, "blur_sigma": 1.0, "gamma": 0.3,
+                  "rotate90": True}
+
+
+@TASKS.register("exemplar", options_from=TwoCropViews)
 def exemplar(encoder: nn.Module, margin: float = 0.5, projection_dim: int = 64, hidden_dim: int = 256,
-             crop_size: int = 40, max_shift: int = 16, flip_probability: float = 0.5, intensity_scale: float = 0.3,
-             intensity_shift: float = 0.3, noise_std: float = 0.2, blur_sigma: float = 1.0, gamma: float = 0.3,
-             rotate90: bool = True) -> nn.Module:
-    # "heavily augmented": wider shifts and jitter than contrastive_two_crop, plus blur, gamma and quarter turns
-    views = TwoCropViews(crop_size=crop_size, max_shift=max_shift, flip_probability=flip_probability,
-                         intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std,
-                         blur_sigma=blur_sigma, gamma=gamma, rotate90=rotate90)
+             **view_options) -> nn.Module:
+    """`view_options` are `TwoCropViews` settings; unset ones take `EXEMPLAR_VIEWS`, then TwoCropViews' defaults."""
+    views = TwoCropViews(**{**EXEMPLAR_VIEWS, **view_options})
     return ExemplarNetwork(encoder, views, projection_dim=projection_dim, hidden_dim=hidden_dim, margin=margin)

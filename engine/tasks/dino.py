@@ -30,32 +30,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from rafmedia.core.errors import UserError
 from rafmedia.engine.tasks.base import TASKS
-from rafmedia.engine.views import flip_samples, gaussian_noise, intensity_jitter
+from rafmedia.engine.views import FlipOptions, IntensityOptions, draw_flips, flip_samples, resized_crops, uniform
+from rafmedia.shards.sampling import as_triple
 
 Size3 = tuple[int, int, int]
 
 
 # ---------------------------------------------------------------------------------------------- views
-def resized_crops_to(volumes_BCDHW: torch.Tensor, starts_B3: torch.Tensor, sides_B: torch.Tensor,
-                     size: Size3) -> torch.Tensor:
-    """Cubic crops of side `sides_B[b]` at corners `starts_B3[b]`, each resampled to `size` (trilinear,
-    align_corners=False); a crop already of that size is returned as cut."""
-    crops = []
-    for volume, (d, h, w), side in zip(volumes_BCDHW, starts_B3.tolist(), sides_B.tolist()):
-        box = volume[:, d:d + side, h:h + side, w:w + side]
-        if tuple(box.shape[1:]) != tuple(size):
-            box = F.interpolate(box[None], size=size, mode="trilinear", align_corners=False)[0]
-        crops.append(box)
-    return torch.stack(crops)
-
-
 @dataclass
-class MultiCropViews:
+class MultiCropViews(FlipOptions, IntensityOptions):
     """DINO's multi-crop: per volume, 2 global crops and `num_local_crops` local crops.
 
     A crop's side is a fraction of the volume's smallest side drawn from `global_scale` / `local_scale` (a
@@ -71,10 +60,7 @@ class MultiCropViews:
     global_scale: tuple[float, float] = (0.6, 1.0)
     local_scale: tuple[float, float] = (0.25, 0.5)
     num_local_crops: int = 4
-    flip_probability: float = 0.5
-    intensity_scale: float = 0.2
-    intensity_shift: float = 0.2
-    noise_std: float = 0.1
+    noise_std: float = 0.1  # IntensityOptions' setting, with this view maker's default
 
     def __post_init__(self):
         for name in ("global_scale", "local_scale"):
@@ -98,13 +84,11 @@ class MultiCropViews:
               size: Size3) -> torch.Tensor:
         batch, spatial = volumes_BCDHW.shape[0], torch.tensor(volumes_BCDHW.shape[2:])
         smallest = int(spatial.min())
-        fractions = scale[0] + (scale[1] - scale[0]) * torch.rand((batch,), generator=generator)
-        sides = (fractions * smallest).round().long().clamp(1, smallest)
+        sides = (uniform(generator, scale[0], scale[1], (batch,)) * smallest).round().long().clamp(1, smallest)
         starts = (torch.rand((batch, 3), generator=generator) * (spatial - sides[:, None] + 1)).long()
-        x = resized_crops_to(volumes_BCDHW, starts, sides, size)
-        x = flip_samples(x, torch.rand((batch, 3), generator=generator) < self.flip_probability)
-        x = intensity_jitter(x, generator, self.intensity_scale, self.intensity_shift)
-        return gaussian_noise(x, generator, self.noise_std)
+        x = resized_crops(volumes_BCDHW, starts, sides, size)
+        x = flip_samples(x, draw_flips(generator, batch, self.flip_probability))
+        return self.augment_intensity(x, generator)
 
 
 # ---------------------------------------------------------------------------------------------- head and schedules
@@ -157,8 +141,6 @@ def dino_cross_entropy(teacher_probs_GBK: torch.Tensor, student_logits_VBK: torc
 
 def _mean_across_ranks_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks (a no-op in one process), so every rank keeps the same center."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
@@ -246,34 +228,26 @@ class Dino3d(nn.Module):
                 "agreement": torch.stack(matches).mean(), "teacher_temp": self.current_teacher_temp()}
 
 
-def _size3(value: int | Sequence[int], name: str) -> Size3:
-    values = (int(value),) * 3 if isinstance(value, (int, float)) else tuple(int(v) for v in value)
-    if len(values) != 3 or min(values) < 1:
-        raise UserError(f"{name} must be a positive int or three positive ints, got {value!r}")
-    return values  # type: ignore[return-value]
-
-
-@TASKS.register("dino_3d")
+@TASKS.register("dino_3d", options_from=MultiCropViews)
 def dino_3d(encoder: nn.Module, out_dim: int = 64, hidden_dim: int = 256, bottleneck_dim: int = 64,
             student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
             warmup_teacher_temp_steps: int = 0, teacher_momentum: float = 0.99, center_momentum: float = 0.99,
-            global_size: int | None = None, global_scale: Sequence[float] = (0.8, 1.0), num_local_crops: int = 4,
-            local_size: int = 12, local_scale: Sequence[float] = (0.4, 0.6), flip_probability: float = 0.5,
-            intensity_scale: float = 0.2, intensity_shift: float = 0.2, noise_std: float = 0.1,
-            head_batch_norm: bool = True) -> nn.Module:
-    """`global_size` defaults to the encoder's `img_size` when it has one (ViT), else 24. A fixed-size encoder
+            global_size: int | Sequence[int] | None = None, global_scale: Sequence[float] = (0.8, 1.0),
+            local_size: int | Sequence[int] = 12, local_scale: Sequence[float] = (0.4, 0.6),
+            head_batch_norm: bool = True, **view_options) -> nn.Module:
+    """`view_options` are the other `MultiCropViews` settings (num_local_crops, flip_probability, noise_std, ...).
+
+    `global_size` defaults to the encoder's `img_size` when it has one (ViT), else 24. A fixed-size encoder
     gets its local crops resampled to its `img_size` too (they still cover `local_scale` of the volume)."""
     fixed = getattr(encoder, "img_size", None)
     if fixed is not None:
-        fixed = _size3(fixed, "encoder img_size")
-        if global_size is not None and _size3(global_size, "global_size") != fixed:
+        fixed = as_triple(fixed, "encoder img_size")
+        if global_size is not None and as_triple(global_size, "global_size") != fixed:
             raise UserError(f"dino_3d global_size={global_size} but the encoder takes inputs of exactly {fixed} "
                             f"(its img_size); drop task.options.global_size or set it to the encoder's img_size")
-    views = MultiCropViews(global_size=fixed or _size3(global_size or 24, "global_size"),
-                           local_size=fixed or _size3(local_size, "local_size"),
-                           global_scale=tuple(global_scale), local_scale=tuple(local_scale),
-                           num_local_crops=num_local_crops, flip_probability=flip_probability,
-                           intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std)
+    views = MultiCropViews(global_size=fixed or as_triple(global_size or 24, "global_size"),
+                           local_size=fixed or as_triple(local_size, "local_size"),
+                           global_scale=tuple(global_scale), local_scale=tuple(local_scale), **view_options)
     return Dino3d(encoder, views, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
                   student_temp=student_temp, teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
                   warmup_teacher_temp_steps=warmup_teacher_temp_steps, teacher_momentum=teacher_momentum,

@@ -19,11 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from monai.networks.blocks import TransformerBlock
 from torch import nn
 
 from rafmedia.core.errors import UserError
+from rafmedia.engine.encoders.transformers import MonaiViT3d
 from rafmedia.engine.tasks.base import TASKS
-from rafmedia.engine.views import flip_samples
+from rafmedia.engine.views import FlipOptions, crop, draw_flips, flip_samples, random_crop_starts
+from rafmedia.shards.sampling import as_triple
 
 Size3 = tuple[int, int, int]
 
@@ -60,7 +63,7 @@ def masked_patch_loss(pred_BNP: torch.Tensor, target_BNP: torch.Tensor, mask_BN:
 
 # ---------------------------------------------------------------------------------------------- views
 @dataclass
-class MaskedCropViews:
+class MaskedCropViews(FlipOptions):
     """A random `crop_size` crop of each volume (flipped per axis with `flip_probability`) and a random mask of
     exactly round(mask_ratio * N) of its N patch tokens per sample (True = masked).
 
@@ -70,7 +73,6 @@ class MaskedCropViews:
     crop_size: Size3 = (32, 32, 32)
     patch_size: Size3 = (8, 8, 8)
     mask_ratio: float = 0.75
-    flip_probability: float = 0.5
 
     def __post_init__(self):
         if any(c % p for c, p in zip(self.crop_size, self.patch_size)):
@@ -92,11 +94,8 @@ class MaskedCropViews:
         if any(s < c for s, c in zip(spatial, self.crop_size)):
             raise UserError(f"mae_3d crops {self.crop_size} (the ViT's img_size) but the volumes are {spatial}; "
                             f"build the encoder with a smaller img_size (encoder.options.img_size)")
-        highs = torch.tensor([s - c + 1 for s, c in zip(spatial, self.crop_size)])
-        starts = (torch.rand((batch, 3), generator=generator) * highs).long()
-        crops = torch.stack([v[:, d:d + self.crop_size[0], h:h + self.crop_size[1], w:w + self.crop_size[2]]
-                             for v, (d, h, w) in zip(volumes_BCDHW, starts.tolist())])
-        crops = flip_samples(crops, torch.rand((batch, 3), generator=generator) < self.flip_probability)
+        crops = crop(volumes_BCDHW, random_crop_starts(generator, spatial, self.crop_size, batch), self.crop_size)
+        crops = flip_samples(crops, draw_flips(generator, batch, self.flip_probability))
         # The num_masked tokens with the lowest random scores are masked (MAE's shuffle-and-split).
         order = torch.rand((batch, self.num_tokens), generator=generator).argsort(dim=1)
         mask = torch.zeros((batch, self.num_tokens), dtype=torch.bool)
@@ -131,8 +130,6 @@ class MaeDecoder(nn.Module):
     def __init__(self, encoder_dim: int, num_tokens: int, patch_voxels: int, dim: int = 64, depth: int = 2,
                  num_heads: int = 4, mlp_ratio: float = 4.0):
         super().__init__()
-        from monai.networks.blocks import TransformerBlock
-
         if dim % num_heads:
             raise UserError(f"decoder_dim {dim} must be divisible by decoder_heads {num_heads}")
         self.embed = nn.Linear(encoder_dim, dim)
@@ -178,24 +175,15 @@ class MaskedAutoencoder3d(nn.Module):
         return {"loss": loss}
 
 
-def _size3(value: int | Sequence[int], name: str) -> Size3:
-    values = (int(value),) * 3 if isinstance(value, (int, float)) else tuple(int(v) for v in value)
-    if len(values) != 3 or min(values) < 1:
-        raise UserError(f"{name} must be a positive int or three positive ints, got {value!r}")
-    return values  # type: ignore[return-value]
-
-
 @TASKS.register("mae_3d", encoder_families=("vit",))
 def mae_3d(encoder: nn.Module, mask_ratio: float = 0.75, crop_size: int | Sequence[int] | None = None,
            norm_pix_loss: bool = True, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4,
            flip_probability: float = 0.5) -> nn.Module:
     """`crop_size` defaults to the encoder's `img_size`; any other value is refused (the ViT takes only that)."""
-    from rafmedia.engine.encoders.transformers import MonaiViT3d
-
     if not isinstance(encoder, MonaiViT3d):
         raise UserError(f"mae_3d needs a MONAI ViT encoder (vit_3d, vit_tiny_3d, vit_small_3d, vit_base_3d), got "
                         f"{type(encoder).__name__}; set encoder.name=vit_3d")
-    if crop_size is not None and _size3(crop_size, "crop_size") != tuple(encoder.img_size):
+    if crop_size is not None and as_triple(crop_size, "crop_size") != tuple(encoder.img_size):
         raise UserError(f"mae_3d crop_size={crop_size} differs from the encoder's img_size {encoder.img_size}; "
                         f"drop task.options.crop_size or set encoder.options.img_size to it")
     in_channels = encoder.vit.patch_embedding.patch_embeddings.in_channels

@@ -11,7 +11,7 @@ reconstruction) is low for plausible masks and high for implausible ones; the ev
 The decoder has no skip connections on purpose: a skip would let the input through unchanged and no prior
 would be learned. The encoder must take `num_classes` input channels (`encoder.options.in_channels`).
 `export_extra` writes the whole autoencoder as `shape_prior.safetensors` plus a JSON card; `load_shape_prior`
-rebuilds it (weights read only through safetensors).
+rebuilds it (both through `rafmedia.engine.export`, the encoders' weights-plus-card mechanism).
 """
 from __future__ import annotations
 
@@ -22,19 +22,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import atomic_write, read_json, write_json
+from rafmedia.core.files import read_json
 from rafmedia.engine.encoders import create_encoder
-from rafmedia.engine.export import card_path
+from rafmedia.engine.export import CARD_SUFFIX, ENCODER_FORMAT, load_weights, read_card, save_with_card
 from rafmedia.engine.tasks.base import TASKS
 from rafmedia.engine.views import crop, random_crop_starts
 
 SHAPE_PRIOR_FILE = "shape_prior.safetensors"
 CARD_FORMAT = "rafmedia.shape_prior/1"
-ENCODER_CARD_FORMAT = "rafmedia.encoder/1"  # what engine.export writes; export_extra reads the encoder's name there
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -272,15 +270,11 @@ class ShapePriorDAE(nn.Module):
         out_dir = Path(out_dir)
         if architecture is None:
             architecture, options = _exported_encoder(out_dir)
-        weights = out_dir / SHAPE_PRIOR_FILE
-        state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
-        atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": CARD_FORMAT}))
-        card = write_json(card_path(weights), {
-            "format": CARD_FORMAT, "architecture": architecture, "options": dict(options or {}),
-            "num_classes": self.num_classes, "decoder": self.decoder_options, "dice_weight": self.dice_weight,
-            "views": {"crop_size": self.views.crop_size},
-            "score": "reconstruction_error = 1 - mean foreground Dice(mask, argmax reconstruction)"})
-        return [weights, card]
+        card = {"format": CARD_FORMAT, "architecture": architecture, "options": dict(options or {}),
+                "num_classes": self.num_classes, "decoder": self.decoder_options, "dice_weight": self.dice_weight,
+                "views": {"crop_size": self.views.crop_size},
+                "score": "reconstruction_error = 1 - mean foreground Dice(mask, argmax reconstruction)"}
+        return list(save_with_card(self, out_dir / SHAPE_PRIOR_FILE, card, metadata={"format": CARD_FORMAT}))
 
 
 def _encoder_input_size(encoder: nn.Module) -> int:
@@ -289,8 +283,8 @@ def _encoder_input_size(encoder: nn.Module) -> int:
 
 
 def _exported_encoder(out_dir: Path) -> tuple[str, dict[str, Any]]:
-    cards = [read_json(path) for path in sorted(out_dir.glob("*.card.json"))]
-    encoders = [card for card in cards if card.get("format") == ENCODER_CARD_FORMAT]
+    cards = [read_json(path) for path in sorted(out_dir.glob(f"*{CARD_SUFFIX}"))]
+    encoders = [card for card in cards if card.get("format") == ENCODER_FORMAT]
     if len(encoders) != 1:
         raise UserError(f"{out_dir} holds {len(encoders)} exported encoder cards, so the shape prior's encoder "
                         "architecture is unknown; call export_extra(out_dir, architecture=..., options=...)")
@@ -299,35 +293,21 @@ def _exported_encoder(out_dir: Path) -> tuple[str, dict[str, Any]]:
 
 def load_shape_prior(weights: str | Path) -> tuple[ShapePriorDAE, dict[str, Any]]:
     """Rebuilds an exported shape prior from its card and safetensors weights; returns (model in eval mode, card)."""
-    weights = Path(weights)
-    if not weights.is_file():
-        raise UserError(f"shape prior weights not found: {weights}")
-    card_file = card_path(weights)
-    if not card_file.is_file():
-        raise UserError(f"{weights} has no card {card_file.name} next to it; export it with export_extra")
-    card = read_json(card_file)
-    if card.get("format") != CARD_FORMAT:
-        raise UserError(f"{card_file} is a '{card.get('format')}' card, not a shape prior ({CARD_FORMAT})")
+    card = read_card(weights, card_format=CARD_FORMAT, what="shape prior",
+                     how_to_export="export it with ShapePriorDAE.export_extra")
     encoder = create_encoder(card["architecture"], **card.get("options", {}))
     decoder = card["decoder"]
     views = LabelCorruptionViews(num_classes=card["num_classes"], crop_size=card["views"]["crop_size"])
     model = ShapePriorDAE(encoder, views, decoder_width=decoder["width"], dice_weight=card["dice_weight"],
                           num_upsamplings=decoder["num_upsamplings"])
-    result = model.load_state_dict(load_file(str(weights)), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{weights} does not fit its card (architecture '{card['architecture']}', options "
-                        f"{card.get('options')}): missing keys {sorted(result.missing_keys)[:5]}, unexpected keys "
-                        f"{sorted(result.unexpected_keys)[:5]}")
-    return model.eval(), card
+    return load_weights(model, weights, card), card
 
 
-@TASKS.register("shape_prior_dae", data="label")
-def shape_prior_dae(encoder: nn.Module, num_classes: int = 6, crop_size: int | None = 32, decoder_width: int = 16,
-                    dice_weight: float = 1.0, num_blocks: int = 2, max_block_size: int = 8, num_blobs: int = 2,
-                    max_blob_radius: float = 4.0, boundary_probability: float = 0.5) -> nn.Module:
+@TASKS.register("shape_prior_dae", data="label", options_from=LabelCorruptionViews)
+def shape_prior_dae(encoder: nn.Module, num_classes: int = 6, decoder_width: int = 16, dice_weight: float = 1.0,
+                    **view_options) -> nn.Module:
+    """`view_options` are the other `LabelCorruptionViews` settings (crop_size, num_blocks, num_blobs, ...)."""
     if num_classes < 2:
         raise UserError(f"shape_prior_dae: num_classes counts background too and must be >= 2, got {num_classes}")
-    views = LabelCorruptionViews(num_classes=num_classes, crop_size=crop_size, num_blocks=num_blocks,
-                                 max_block_size=max_block_size, num_blobs=num_blobs, max_blob_radius=max_blob_radius,
-                                 boundary_probability=boundary_probability)
+    views = LabelCorruptionViews(num_classes=num_classes, **view_options)
     return ShapePriorDAE(encoder, views, decoder_width=decoder_width, dice_weight=dice_weight)

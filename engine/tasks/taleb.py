@@ -29,23 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rafmedia.core.registry import unknown_name_error
-from rafmedia.engine.tasks.base import HEAD_NORMS, TASKS
-from rafmedia.engine.views import ROTATIONS_3D, RotationViews, crop, gaussian_noise, intensity_jitter
+from rafmedia.engine.tasks.base import TASKS, mlp_head
+from rafmedia.engine.views import ROTATIONS_3D, IntensityOptions, RotationViews, crop, random_crop_starts
 
 # The 26 neighbour offsets in units of grid cells, in raster order; the label is the index in this tuple.
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(
     offset for offset in itertools.product((-1, 0, 1), repeat=3) if offset != (0, 0, 0))
 
 
-def _augment(x_BCDHW: torch.Tensor, generator: torch.Generator, scale: float, shift: float, noise_std: float) -> torch.Tensor:
-    return gaussian_noise(intensity_jitter(x_BCDHW, generator, scale, shift), generator, noise_std)
-
-
-def _classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Sequential:
-    # BatchNorm in the head: see TwoCropContrastive in engine/tasks/contrastive.py (it made the small CNN learn at all).
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, num_classes))
+def _classification(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A classification task's outputs: cross-entropy loss and (detached) accuracy."""
+    return {"loss": F.cross_entropy(logits, labels),
+            "accuracy": (logits.argmax(dim=1) == labels).float().mean().detach()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,7 +48,7 @@ def _classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Sequential
 
 
 @dataclass
-class RelativePatchViews:
+class RelativePatchViews(IntensityOptions):
     """A centre patch and one of its 26 neighbours per volume; label = index in `NEIGHBOUR_OFFSETS`.
 
     The neighbour's corner is `centre + offset * (patch_size + gap) + jitter`, jitter ~ U{-jitter..jitter}
@@ -63,9 +58,7 @@ class RelativePatchViews:
     patch_size: int = 8
     gap: int = 2
     jitter: int = 1
-    intensity_scale: float = 0.2
-    intensity_shift: float = 0.2
-    noise_std: float = 0.1
+    noise_std: float = 0.1  # IntensityOptions' setting, with this view maker's default
 
     def grid_extent(self) -> int:
         """Side of the region the jittered grid may cover: the smallest volume side this view maker accepts."""
@@ -78,15 +71,13 @@ class RelativePatchViews:
                              f"(3 * patch_size + 2 * (gap + jitter)), got {tuple(shape)}; lower patch_size or gap")
         stride = self.patch_size + self.gap
         margin = stride + self.jitter
-        highs = torch.tensor([size - self.patch_size - 2 * margin + 1 for size in shape])
-        centre_starts = margin + (torch.rand((batch, 3), generator=generator) * highs).long()
+        centre_starts = margin + random_crop_starts(generator, shape, self.patch_size + 2 * margin, batch)
         labels = torch.randint(0, len(NEIGHBOUR_OFFSETS), (batch,), generator=generator)
         jitters = torch.randint(-self.jitter, self.jitter + 1, (batch, 3), generator=generator)
         neighbour_starts = centre_starts + torch.tensor(NEIGHBOUR_OFFSETS)[labels] * stride + jitters
         patches = torch.cat([crop(volumes_BCDHW, centre_starts, self.patch_size),
                              crop(volumes_BCDHW, neighbour_starts, self.patch_size)])
-        patches = _augment(patches, generator, self.intensity_scale, self.intensity_shift, self.noise_std)
-        centre, neighbour = patches.chunk(2)
+        centre, neighbour = self.augment_intensity(patches, generator).chunk(2)
         return {"centre": centre, "neighbour": neighbour, "position": labels,
                 "centre_starts": centre_starts, "neighbour_starts": neighbour_starts}
 
@@ -98,24 +89,18 @@ class RelativePatchLocation(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.views = views
-        self.head = _classifier(2 * encoder.embed_dim, hidden_dim, len(NEIGHBOUR_OFFSETS))
+        self.head = mlp_head(2 * encoder.embed_dim, hidden_dim, len(NEIGHBOUR_OFFSETS))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # One encoder call on both patches, so BatchNorm sees the two kinds of patch together.
         centre, neighbour = self.encoder(torch.cat([batch["centre"], batch["neighbour"]])).chunk(2)
-        logits = self.head(torch.cat([centre, neighbour], dim=1))
-        labels = batch["position"]
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(dim=1) == labels).float().mean().detach()}
+        return _classification(self.head(torch.cat([centre, neighbour], dim=1)), batch["position"])
 
 
-@TASKS.register("relative_patch_location")
-def relative_patch_location(encoder: nn.Module, patch_size: int = 8, gap: int = 2, jitter: int = 1,
-                            hidden_dim: int = 256, intensity_scale: float = 0.2, intensity_shift: float = 0.2,
-                            noise_std: float = 0.1) -> nn.Module:
-    views = RelativePatchViews(patch_size=patch_size, gap=gap, jitter=jitter, intensity_scale=intensity_scale,
-                               intensity_shift=intensity_shift, noise_std=noise_std)
-    return RelativePatchLocation(encoder, views, hidden_dim=hidden_dim)
+@TASKS.register("relative_patch_location", options_from=RelativePatchViews)
+def relative_patch_location(encoder: nn.Module, hidden_dim: int = 256, **view_options) -> nn.Module:
+    """`view_options` are `RelativePatchViews` settings (patch_size, gap, jitter, noise_std, ...)."""
+    return RelativePatchLocation(encoder, RelativePatchViews(**view_options), hidden_dim=hidden_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,27 +149,30 @@ def minimum_hamming_distance(permutations_KN: np.ndarray) -> int:
 
 
 @dataclass
-class JigsawViews:
+class JigsawViews(IntensityOptions):
     """A cube of `grid^3` cells of side `cell_size` per volume; each cell cropped to `cell_size - jitter` at a
     random offset, the cells shuffled by permutation `permutations[label]`: output position j holds the cell
     whose raster index (d, h, w order) is `permutations[label, j]`.
 
+    The `num_permutations` classes are `hamming_permutation_set(grid^3, num_permutations,
+    seed=permutation_seed, criterion=permutation_criterion)`, chosen once when the view maker is built.
     Output `cells`: (B, grid^3, C, s, s, s) with s = cell_size - jitter.
     """
 
-    permutations: np.ndarray = field(repr=False, compare=False, default=None)  # (K, grid^3); set by the task factory
     grid: int = 2
     cell_size: int = 12
     jitter: int = 2
-    intensity_scale: float = 0.2
-    intensity_shift: float = 0.2
-    noise_std: float = 0.1
+    num_permutations: int = 100
+    permutation_seed: int = 0
+    permutation_criterion: str = "min"
+    noise_std: float = 0.1  # IntensityOptions' setting, with this view maker's default
+    permutations: np.ndarray = field(init=False, repr=False, compare=False)  # (num_permutations, grid^3)
 
     def __post_init__(self):
-        if self.permutations is None or self.permutations.shape[1] != self.grid**3:
-            raise ValueError(f"JigsawViews needs permutations of grid^3 = {self.grid**3} cells")
         if self.jitter >= self.cell_size:
             raise ValueError(f"jitter {self.jitter} must be smaller than cell_size {self.cell_size}")
+        self.permutations = hamming_permutation_set(self.grid**3, self.num_permutations, seed=self.permutation_seed,
+                                                    criterion=self.permutation_criterion)
 
     def __call__(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch, side = volumes_BCDHW.shape[0], self.grid * self.cell_size
@@ -192,8 +180,7 @@ class JigsawViews:
         if min(shape) < side:
             raise ValueError(f"jigsaw needs volumes of side >= grid * cell_size = {side}, got {tuple(shape)}; "
                              "lower grid or cell_size")
-        highs = torch.tensor([size - side + 1 for size in shape])
-        starts = (torch.rand((batch, 3), generator=generator) * highs).long()
+        starts = random_crop_starts(generator, shape, side, batch)
         labels = torch.randint(0, len(self.permutations), (batch,), generator=generator)
         num_cells, small = self.grid**3, self.cell_size - self.jitter
         cell_corners = torch.tensor(list(itertools.product(range(self.grid), repeat=3))) * self.cell_size
@@ -202,7 +189,7 @@ class JigsawViews:
         corners = starts[:, None, :] + cell_corners[order] + offsets  # (B, N, 3)
         repeated = volumes_BCDHW.repeat_interleave(num_cells, dim=0)
         cells = crop(repeated, corners.reshape(-1, 3), small)
-        cells = _augment(cells, generator, self.intensity_scale, self.intensity_shift, self.noise_std)
+        cells = self.augment_intensity(cells, generator)
         return {"cells": cells.reshape(batch, num_cells, *cells.shape[1:]), "permutation": labels,
                 "starts": starts, "cell_corners": corners}
 
@@ -215,26 +202,18 @@ class Jigsaw3d(nn.Module):
         self.encoder = encoder
         self.views = views
         num_cells = views.grid**3
-        self.head = _classifier(num_cells * encoder.embed_dim, hidden_dim, len(views.permutations))
+        self.head = mlp_head(num_cells * encoder.embed_dim, hidden_dim, len(views.permutations))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cells = batch["cells"]
         embeddings = self.encoder(cells.flatten(0, 1)).reshape(cells.shape[0], -1)
-        logits = self.head(embeddings)
-        labels = batch["permutation"]
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(dim=1) == labels).float().mean().detach()}
+        return _classification(self.head(embeddings), batch["permutation"])
 
 
-@TASKS.register("jigsaw_3d")
-def jigsaw_3d(encoder: nn.Module, grid: int = 2, cell_size: int = 12, jitter: int = 2, num_permutations: int = 100,
-              permutation_seed: int = 0, permutation_criterion: str = "min", hidden_dim: int = 256,
-              intensity_scale: float = 0.2, intensity_shift: float = 0.2, noise_std: float = 0.1) -> nn.Module:
-    permutations = hamming_permutation_set(grid**3, num_permutations, seed=permutation_seed,
-                                           criterion=permutation_criterion)
-    views = JigsawViews(permutations=permutations, grid=grid, cell_size=cell_size, jitter=jitter,
-                        intensity_scale=intensity_scale, intensity_shift=intensity_shift, noise_std=noise_std)
-    return Jigsaw3d(encoder, views, hidden_dim=hidden_dim)
+@TASKS.register("jigsaw_3d", options_from=JigsawViews)
+def jigsaw_3d(encoder: nn.Module, hidden_dim: int = 256, **view_options) -> nn.Module:
+    """`view_options` are `JigsawViews` settings (grid, cell_size, jitter, num_permutations, noise_std, ...)."""
+    return Jigsaw3d(encoder, JigsawViews(**view_options), hidden_dim=hidden_dim)
 
 
 class RotationPrediction(nn.Module):
@@ -244,20 +223,13 @@ class RotationPrediction(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.views = views
-        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden_dim), HEAD_NORMS[head_norm](hidden_dim),
-                                  nn.ReLU(inplace=True), nn.Linear(hidden_dim, len(ROTATIONS_3D)))
+        self.head = mlp_head(encoder.embed_dim, hidden_dim, len(ROTATIONS_3D), norm=head_norm)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = self.head(self.encoder(batch["view"]))
-        loss = F.cross_entropy(logits, batch["rotation"])
-        return {"loss": loss, "accuracy": (logits.argmax(dim=1) == batch["rotation"]).float().mean().detach()}
+        return _classification(self.head(self.encoder(batch["view"])), batch["rotation"])
 
 
-@TASKS.register("rotation")
-def rotation(encoder: nn.Module, crop_size: int = 40, hidden_dim: int = 256, intensity_scale: float = 0.2,
-             intensity_shift: float = 0.2, noise_std: float = 0.2, head_norm: str = "batch") -> nn.Module:
-    if head_norm not in HEAD_NORMS:
-        raise unknown_name_error("head norm", head_norm, HEAD_NORMS)
-    views = RotationViews(crop_size=crop_size, intensity_scale=intensity_scale, intensity_shift=intensity_shift,
-                          noise_std=noise_std)
-    return RotationPrediction(encoder, views, hidden_dim=hidden_dim, head_norm=head_norm)
+@TASKS.register("rotation", options_from=RotationViews)
+def rotation(encoder: nn.Module, hidden_dim: int = 256, head_norm: str = "batch", **view_options) -> nn.Module:
+    """`view_options` are `RotationViews` settings (crop_size, intensity_scale, intensity_shift, noise_std)."""
+    return RotationPrediction(encoder, RotationViews(**view_options), hidden_dim=hidden_dim, head_norm=head_norm)

@@ -1,12 +1,12 @@
 """A bare training loop for the tasks' "it learns" tests (the engine's own loop is tested in test_train.py)."""
 import torch
 
+from rafmedia.engine.batches import view_batches
+
 
 def train_briefly(task, volumes, *, batch_size: int, steps: int, lr: float = 2e-3, weight_decay: float = 0.01,
                   seed: int = 0) -> list[dict[str, float]]:
     """AdamW on the task's trainable parameters over `steps` batches of views; returns every step's logs."""
-    from rafmedia.engine.batches import view_batches
-
     batches = view_batches(volumes, task.views, batch_size=batch_size, seed=seed)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     logs = []

@@ -15,8 +15,7 @@ pytest.importorskip("nvidia.dali", reason="the DALI view tests need the dali ext
 
 from rafmedia.core.errors import UserError  # noqa: E402
 from rafmedia.engine import views as torch_views  # noqa: E402
-from rafmedia.engine.dali_views import (DaliViews, ViewParameters, draw_blur_sigmas, draw_flips,  # noqa: E402
-                                        draw_jitter, stream_views)
+from rafmedia.engine.dali_views import DaliViews, ViewParameters, draw_blur_sigmas, stream_views  # noqa: E402
 
 # Every augmentation off: each test turns on the one it checks.
 PLAIN = dict(crop_size=12, max_shift=3, flip_probability=0.0, intensity_scale=0.0, intensity_shift=0.0, noise_std=0.0)
@@ -51,7 +50,7 @@ def test_flip_matches_torch_for_fixed_axes_and_for_seeded_draws():
         dims = [axis + 1 for axis in range(3) if flips[axis]]
         assert torch.equal(out[index], torch.flip(crops[index], dims=dims))
     # The same seed draws the same flips as views.random_flip, so the outputs agree voxel for voxel.
-    drawn = draw_flips(torch.Generator().manual_seed(7), 4, 0.5)
+    drawn = torch_views.draw_flips(torch.Generator().manual_seed(7), 4, 0.5).numpy()
     assert 0 < drawn.sum() < drawn.size
     out = _run(DaliViews(**PLAIN), volumes, dataclasses.replace(base, flips_B3=drawn))
     assert torch.equal(out, torch_views.random_flip(crops, torch.Generator().manual_seed(7), 0.5))
@@ -86,8 +85,9 @@ def test_arbitrary_rotation_of_a_radial_volume_changes_nothing_inside_it():
 def test_intensity_jitter_matches_torch_for_seeded_draws():
     volumes, starts = _volumes(), _starts(4)
     crops = torch_views.crop(volumes, starts, 12)
-    gains, offsets = draw_jitter(torch.Generator().manual_seed(4), 4, 0.3, 0.5)
-    parameters = dataclasses.replace(ViewParameters.identity(starts.numpy(), 12), gains_B=gains, offsets_B=offsets)
+    gains, offsets = torch_views.draw_jitter(torch.Generator().manual_seed(4), 4, 0.3, 0.5)
+    parameters = dataclasses.replace(ViewParameters.identity(starts.numpy(), 12), gains_B=gains.numpy(),
+                                     offsets_B=offsets.numpy())
     out = _run(DaliViews(**PLAIN), volumes, parameters)
     expected = torch_views.intensity_jitter(crops, torch.Generator().manual_seed(4), 0.3, 0.5)
     assert (out - expected).abs().max() < 1e-5
@@ -170,6 +170,18 @@ def test_views_draw_the_same_crops_flips_and_gains_as_two_crop_views():
     torch_out = torch_views.TwoCropViews(**settings)(volumes, torch.Generator().manual_seed(9))["view_a"]
     inner = (slice(None), slice(None)) + (slice(3, -3),) * 3  # blur borders differ (see the blur test)
     assert (dali[inner] - torch_out[inner]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("options", [dict(rotate90=True), dict(resized_crop_scale=(0.75, 1.3)),
+                                     dict(rotate90=True, resized_crop_scale=(0.8, 1.2), blur_sigma=1.0)])
+def test_torch_views_equal_the_dali_pipeline_for_the_same_seed(options):
+    volumes = torch.randn(4, 1, 26, 26, 26, generator=torch.Generator().manual_seed(1))
+    two_crop = torch_views.TwoCropViews(crop_size=16, max_shift=4, noise_std=0.0, **options)  # DALI has its own noise
+    ours = two_crop(volumes, torch.Generator().manual_seed(5))
+    dali = DaliViews.like(two_crop)(volumes, torch.Generator().manual_seed(5))
+    inner = (slice(None), slice(None)) + (slice(3, -3),) * 3  # blur borders differ: zero padding vs DALI's mirror
+    for view in ("view_a", "view_b"):
+        assert torch.allclose(ours[view][inner], dali[view][inner], atol=1e-4), view
 
 
 def test_like_copies_the_torch_settings_and_refuses_what_dali_lacks():

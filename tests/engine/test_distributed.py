@@ -3,7 +3,6 @@ process with the combined batch, and resume after one rank is killed with SIGKIL
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rafmedia.engine.distributed import Place
+from rafmedia.engine.distributed import Place, free_port
 from rafmedia.engine.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,12 +20,6 @@ import dist_train_worker as worker  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist_train_worker.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def torchrun(out: Path, wrapper: str, steps: int, *options: str) -> subprocess.Popen:

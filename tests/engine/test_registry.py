@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import pytest
 
 from rafmedia.core.errors import UserError
@@ -21,6 +23,30 @@ def test_unknown_name_and_unknown_option_are_user_errors_with_suggestions():
         registry.create("sqare")
     with pytest.raises(UserError, match="has no option 'sid'; did you mean 'side'"):
         registry.create("square", sid=2)
+
+
+def test_a_factory_passing_its_options_to_a_dataclass_takes_that_dataclass_fields_and_no_others():
+    @dataclass
+    class Look:
+        side: int = 1
+        colour: str = "red"
+
+    registry = Registry("widget")
+
+    @registry.register("square", options_from=Look)
+    def square(scale: int = 1, **look_options):
+        return scale, Look(**look_options)
+
+    @registry.register("anything")
+    def anything(**options):
+        return options
+
+    assert registry.create("square", scale=2, side=3) == (2, Look(side=3, colour="red"))
+    assert registry.options("square") == {"scale", "side", "colour"} and registry.accepts("square", "colour")
+    with pytest.raises(UserError, match=r"widget 'square' has no option 'sied'; did you mean 'side'\? "
+                                        r"\(options: colour, scale, side\)"):
+        registry.create("square", sied=2)
+    assert registry.options("anything") is None and registry.create("anything", sied=2) == {"sied": 2}
 
 
 def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):

@@ -10,6 +10,7 @@ from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.tasks import create_task, list_tasks, task_data_kind
 from rafmedia.engine.tasks.contrastive import TwoCropContrastive
 from rafmedia.engine.tasks.paired import PairedViews
+from rafmedia.engine.views import TwoCropViews
 from tests.engine.helpers import losses_of, train_briefly
 
 SHAPE = (20, 22, 24)
@@ -108,3 +109,12 @@ def test_paired_loss_decreases_on_a_synthetic_two_acquisition_cohort(tmp_path):
     assert start > 0.9 * math.log(15)
     assert end < math.log(15) - 0.4 and end < start - 0.5  # below chance: the two contrasts are matched
     assert sum(accuracies[-20:]) / 20 > 2 / 15
+
+
+def test_paired_views_are_two_crop_views_of_the_two_channels():
+    # Both channels equal: the paired views are the two-crop views with the same settings and seed, draw for draw.
+    volumes = torch.randn(3, 1, 20, 20, 20, generator=torch.Generator().manual_seed(0)).repeat(1, 2, 1, 1, 1)
+    settings = dict(crop_size=10, max_shift=3, blur_sigma=1.0, gamma=0.2, rotate90=True, resized_crop_scale=(0.8, 1.2))
+    paired = PairedViews(**settings)(volumes, torch.Generator().manual_seed(4))
+    two_crop = TwoCropViews(**settings)(volumes[:, :1], torch.Generator().manual_seed(4))
+    assert torch.equal(paired["view_a"], two_crop["view_a"]) and torch.equal(paired["view_b"], two_crop["view_b"])

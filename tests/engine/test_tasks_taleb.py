@@ -81,8 +81,9 @@ def test_greedy_permutation_set_reaches_the_brute_force_optimum_on_small_sets(nu
 
 
 def test_jigsaw_permutation_can_be_recovered_from_the_shuffled_cells():
-    permutations = hamming_permutation_set(8, 20, seed=0)
-    views = JigsawViews(permutations=permutations, grid=2, cell_size=12, jitter=2, **QUIET)
+    views = JigsawViews(grid=2, cell_size=12, jitter=2, num_permutations=20, permutation_seed=0, **QUIET)
+    permutations = views.permutations
+    assert np.array_equal(permutations, hamming_permutation_set(8, 20, seed=0))
     out = views(coordinate_volumes(16), torch.Generator().manual_seed(3))
     assert out["cells"].shape == (16, 8, 1, 10, 10, 10)
     labels = set()
@@ -106,7 +107,7 @@ def test_jigsaw_with_a_3x3x3_grid_draws_from_27_cell_permutations():
 
 
 def test_jigsaw_views_survive_pickling_with_the_same_draws():
-    views = JigsawViews(permutations=hamming_permutation_set(8, 12, seed=2), grid=2, cell_size=10, jitter=2)
+    views = JigsawViews(grid=2, cell_size=10, jitter=2, num_permutations=12, permutation_seed=2)
     copy = pickle.loads(pickle.dumps(views))
     volumes = torch.randn(3, 1, 24, 24, 24, generator=torch.Generator().manual_seed(0))
     first, second = views(volumes, torch.Generator().manual_seed(4)), copy(volumes, torch.Generator().manual_seed(4))
