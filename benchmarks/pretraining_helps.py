@@ -152,7 +152,7 @@ def prepare_cohort(out: Path, preset: Preset) -> Path:
 def split_pool_and_test(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    from rafmedia.evaluate.runner import binary_labels
+    from rafmedia.evaluate.cohort_data import binary_labels
 
     indices = np.arange(len(rows))
     return train_test_split(indices, test_size=TEST_FRACTION, stratify=binary_labels(rows, "disease"),
@@ -255,7 +255,7 @@ def probe_aurocs(pool_ND: np.ndarray, test_ND: np.ndarray, pool_labels: np.ndarr
     with threadpool_limits(limits=1, user_api="blas"):
         for seed, chosen in enumerate(draws):
             probe = create_probe("logistic", seed=seed).fit(pool_ND[chosen], pool_labels[chosen])
-            scores.append(float(compute_auroc(probe.scores(test_ND), test_labels)))
+            scores.append(float(compute_auroc(y_true=test_labels, y_score=probe.scores(test_ND))))
     return scores
 
 
@@ -263,7 +263,7 @@ def probe_aurocs(pool_ND: np.ndarray, test_ND: np.ndarray, pool_labels: np.ndarr
 def run_task(task: str, settings: TaskSettings, *, store, rows, pool, test, out: Path, repeats: int,
              random_cache: dict[str, tuple[np.ndarray, np.ndarray]]) -> Row:
     from rafmedia.engine.tasks import task_data_kind
-    from rafmedia.evaluate.runner import binary_labels
+    from rafmedia.evaluate.cohort_data import binary_labels
 
     kind = task_data_kind(task)
     ids = [row["subject_id"] for row in rows]

@@ -17,12 +17,13 @@ def _load(name):
 
 
 def test_evaluate_benchmark_quick_times_both_paths_and_every_stage(capsys):
-    import rafmedia.evaluate.runner as runner
+    from rafmedia.evaluate import embed, runner, scan_level
 
     bench = _load("evaluate")
-    originals = {name: getattr(runner, name) for name in ("fit_probes", "create_alteration", "load_cohort")}
+    originals = {(module, name): getattr(module, name)
+                 for module, name in ((scan_level, "fit_probes"), (embed, "create_alteration"), (runner, "load_cohort"))}
     result = bench.main(["--quick", "--no-clean-run"])
-    assert all(getattr(runner, name) is function for name, function in originals.items())  # wrappers removed
+    assert all(getattr(module, name) is function for (module, name), function in originals.items())  # unwrapped
 
     part1 = result["throughput"]
     paths = list(part1["max_abs_embedding_difference"])

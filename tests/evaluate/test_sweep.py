@@ -119,7 +119,7 @@ def clean_keys_by_writer(cache: Path) -> dict[str, set]:
         batch = attrs_file.parent
         pid = batch.name.split("-")[1]  # batches are named <time ns>-<pid>-<random>
         keys = zarr.open_array(str(batch), mode="r").attrs["keys"]
-        written.setdefault(pid, set()).update((batch.parents[1].name, s) for s, alteration, _ in keys
+        written.setdefault(pid, set()).update((batch.parents[1].name, s) for s, alteration, *_ in keys
                                               if alteration == "clean")
     return written
 
