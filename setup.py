@@ -37,6 +37,7 @@ setup(
         "pyyaml>=6",
         "zarr>=3.1,<4",
         "numcodecs>=0.16",
+        "google-crc32c>=1.5",  # the store's per-chunk checksums (zarr's Crc32cCodec needs it too)
         "safetensors>=0.4",
         "scikit-learn>=1.3",
         "scipy>=1.10",

@@ -1,10 +1,12 @@
-"""Atomic file writes (temp file in the same folder, fsync, rename), so a killed run never leaves a
-half-written file that looks valid."""
+"""Atomic file writes (temp file in the same folder, fsync, rename) and folder publishing (a staged folder renamed
+into place), so a killed run never leaves a half-written file or folder that looks valid."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +45,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Renames a finished `staging` folder to `final` (same file system). An existing `final` is first renamed
+    aside and deleted after, so `final` is never a mix of the old and the new folder, nor half-written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, trash)
+        os.rename(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, final)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -35,13 +35,13 @@ import numpy as np
 import yaml
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import read_json, write_json
+from rafmedia.core.files import publish_folder, read_json, write_json
 from rafmedia.core.registry import did_you_mean
 from rafmedia.shards.cohort_reader import NO_ALTERATION, SPLIT_COLUMNS, split_sample_reader
 from rafmedia.shards.cohort_spec import ChallengingSpec, CohortSpec, ImbalanceSpec, OutOfDistributionSpec, spec_to_dict
 from rafmedia.shards.datasheet import DatasheetConfig, default_attributes, metadata_columns, write_datasheet
 from rafmedia.shards.splits import exact_counts, stratified_assign
-from rafmedia.shards.store import CohortStore, publish_folder, resolve_store, write_rows_csv
+from rafmedia.shards.store import CohortStore, resolve_store, write_rows_csv
 
 BUILD_FORMAT = "rafmedia.cohort-build/1"
 # Seed purposes: one independent stream per decision, so changing one part of a spec leaves the others alone.

@@ -31,7 +31,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import atomic_write_text
+from rafmedia.core.files import atomic_write_text, publish_folder
 
 STORE_FORMAT = "rafmedia.cohort/1"
 COHORT_STORE = "cohort.zarr"  # the store's name inside a run or cohort-build folder
@@ -231,16 +231,3 @@ def write_rows_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[s
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buffer.getvalue())
-
-
-def publish_folder(staging: Path, final: Path) -> None:
-    """Renames a finished `staging` folder to `final` (same file system). An existing `final` is first renamed
-    aside and deleted after, so `final` is never a mix of the old and the new folder, nor half-written."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, trash)
-        os.rename(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(staging, final)

@@ -19,9 +19,9 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import read_json, write_json
+from rafmedia.core.files import publish_folder, read_json, write_json
 from rafmedia.core.registry import unknown_name_error
-from rafmedia.shards.store import MANIFEST, CohortStore, publish_folder
+from rafmedia.shards.store import MANIFEST, CohortStore
 
 INDEX = "index.json"
 MODES = ("volumes", "patches")

@@ -49,24 +49,22 @@ def test_a_factory_passing_its_options_to_a_dataclass_takes_that_dataclass_field
     assert registry.options("anything") is None and registry.create("anything", sied=2) == {"sied": 2}
 
 
-def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
-    import os
-    import stat
+def test_accepts_reads_the_factory_signature_and_unregister_removes_a_name():
+    registry = Registry("widget")
 
-    from rafmedia.core.files import atomic_write, atomic_write_text
+    @registry.register("narrow")
+    def narrow(seed: int = 0):
+        return seed
 
-    target = atomic_write_text(tmp_path / "a.txt", "first")
-    atomic_write_text(target, "second")
-    assert target.read_text() == "second"
-    mask = os.umask(0)
-    os.umask(mask)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    @registry.register("open")
+    def open_ended(**anything):
+        return anything
 
-    def failing(tmp):
-        tmp.write_text("partial")
-        raise RuntimeError("killed mid-write")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, failing)
-    assert target.read_text() == "second"  # the old file is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
+    assert registry.accepts("narrow", "seed") and not registry.accepts("narrow", "c_grid")
+    assert registry.accepts("open", "c_grid")  # **kwargs without options_from takes anything
+    registry.unregister("narrow")
+    assert registry.names() == ["open"] and "narrow" not in registry
+    with pytest.raises(UserError, match="unknown widget 'narrow'"):
+        registry.unregister("narrow")
+    registry.register("narrow")(narrow)  # the name is free again
+    assert registry.create("narrow", seed=3) == 3
