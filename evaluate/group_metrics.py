@@ -194,7 +194,8 @@ def gap_per_row(values_PG: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- group summaries
 def summarize_group_values(values: dict[str, float], *, higher_is_better: bool = True) -> dict[str, Any]:
-    """Gap = max - min, ratio = min / max, std (population), worst and best group over the finite values.
+    """Gap = max - min, ratio = min / max, std (population), the worst group and its value ("worst"), the best group,
+    over the finite values.
 
     Fewer than two finite groups leave nothing to compare: gap, ratio and std are NaN.
     """
@@ -202,12 +203,13 @@ def summarize_group_values(values: dict[str, float], *, higher_is_better: bool =
     if len(finite) < 2:
         only = next(iter(finite), None)
         return {"gap": float("nan"), "ratio": float("nan"), "std": float("nan"), "worst_group": only,
-                "best_group": only, "num_groups_compared": len(finite)}
+                "worst": finite.get(only, float("nan")), "best_group": only, "num_groups_compared": len(finite)}
     array = np.array(list(finite.values()))
     low, high = min(finite, key=finite.get), max(finite, key=finite.get)
+    worst = low if higher_is_better else high
     return {"gap": float(array.max() - array.min()),
             "ratio": float(array.min() / array.max()) if array.max() > 0 else float("nan"),
-            "std": float(array.std()), "worst_group": low if higher_is_better else high,
+            "std": float(array.std()), "worst_group": worst, "worst": finite[worst],
             "best_group": high if higher_is_better else low, "num_groups_compared": len(finite)}
 
 

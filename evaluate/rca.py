@@ -412,9 +412,8 @@ def estimated_gap(estimated_dice_N: np.ndarray, groups_N: Sequence) -> dict[str,
         means[key] = float(finite.mean()) if len(finite) else float("nan")
         sizes[key], undefined[key] = int(len(members)), int(len(members) - len(finite))
     summary = summarize_group_values(means)
-    worst = means[summary["worst_group"]] if summary["worst_group"] is not None else float("nan")
     return {"group_means": means, "group_sizes": sizes, "num_undefined": undefined, "gap": summary["gap"],
-            "worst_group": summary["worst_group"], "worst": worst, "best_group": summary["best_group"]}
+            "worst_group": summary["worst_group"], "worst": summary["worst"], "best_group": summary["best_group"]}
 
 
 # ---- validation: planted segmentation damage -------------------------------------------------------------------------

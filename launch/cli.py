@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_cohort_and_alter_commands(commands)
     _add_slurm_commands(commands)
-    listing = commands.add_parser("list", help="list registered encoders, tasks, alterations, probes, launchers or "
-                                  "configs")
+    listing = commands.add_parser("list", help="list what is registered: encoders, tasks, alterations, probes, group "
+                                  "metrics, latent tests, launchers, configs, ...")
     listing.add_argument("what", choices=sorted(LISTINGS))
     return parser
 

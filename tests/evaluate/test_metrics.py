@@ -66,11 +66,12 @@ def test_rankme_of_isotropic_and_collapsed_embeddings():
 def test_group_summary_hand_computed():
     summary = summarize_group_values({"a": 0.9, "b": 0.6, "c": float("nan")})
     assert summary["gap"] == pytest.approx(0.3) and summary["worst_group"] == "b" and summary["best_group"] == "a"
+    assert summary["worst"] == 0.6
     # the population standard deviation over groups (numpy's ddof=0): 0.15, where the sample one would be 0.212
     assert summary["ratio"] == pytest.approx(0.6 / 0.9) and summary["std"] == pytest.approx(0.15)
     assert summary["std"] == pytest.approx(np.std([0.9, 0.6])) != pytest.approx(np.std([0.9, 0.6], ddof=1))
     errors = summarize_group_values({"a": 0.1, "b": 0.4}, higher_is_better=False)
-    assert errors["worst_group"] == "b" and errors["gap"] == pytest.approx(0.3)
+    assert errors["worst_group"] == "b" and errors["worst"] == 0.4 and errors["gap"] == pytest.approx(0.3)
 
 
 def test_group_summary_is_undefined_with_fewer_than_two_defined_groups():
