@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from rafmedia.core.render import format_interval, format_value
+from rafmedia.evaluate.latent import farthest_group_columns
 
 LEGACY_FAIRNESS_METRICS = ("accuracy", "auroc")  # what report.json held before its groupings listed their metrics
 LEGACY_KNN_OOD = {"title": "k-NN out-of-distribution scores (test vs training scans)",
@@ -35,11 +34,9 @@ def latent_columns(latent: dict[str, Any], attribute: str) -> dict[str, Any]:
     if isinstance(latent.get("summary"), dict):
         return dict(latent["summary"].get(attribute) or {})
     values = latent.get(attribute) or {}
-    distances = [d for d in ((values.get("frechet") or {}).get("mean_to_others") or {}).values()
-                 if d is not None and np.isfinite(d)]
+    frechet = values.get("frechet") or {"mean_to_others": {}, "farthest": None}
     return {"leakage AUROC": values.get("leakage_auroc"), "silhouette": values.get("silhouette"),
-            "farthest group": (values.get("frechet") or {}).get("farthest"),
-            "its mean Frechet distance": max(distances) if distances else None, "RankMe": latent.get("rankme")}
+            **farthest_group_columns(frechet), "RankMe": latent.get("rankme")}
 
 
 def latent_tables(latent: dict[str, Any]) -> dict[str, dict[str, str]]:
