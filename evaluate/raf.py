@@ -18,7 +18,7 @@ correlation).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -134,9 +134,14 @@ def raf_point(inputs: RafInputs | list[RafInputs], weights: RafWeights | None = 
 
 
 def raf_with_intervals(inputs: RafInputs | list[RafInputs], weights: RafWeights | None = None, *,
-                       num_resamples: int = 500, seed: int = 0, level: float = 0.95) -> dict[str, float | list[float]]:
+                       num_resamples: int = 500, seed: int = 0, level: float = 0.95,
+                       with_draws: bool = False) -> dict[str, Any]:
     """Point values plus `<component>_ci95` percentile-bootstrap intervals: each draw resamples every replicate's
-    test subjects with replacement, and all components come from the same draw."""
+    test subjects with replacement, and all components come from the same draw.
+
+    With `with_draws`, `draws` holds every draw's index and components (lists of `num_resamples` values): two
+    encoders scored on one cohort with the same seeds and `seed` share their resamples, so their draws compare
+    pairwise (the portal's rank intervals)."""
     replicates = [inputs] if isinstance(inputs, RafInputs) else list(inputs)
     point = raf_point(replicates, weights)
     rng = np.random.default_rng(seed)
@@ -149,4 +154,6 @@ def raf_with_intervals(inputs: RafInputs | list[RafInputs], weights: RafWeights 
         values = values[np.isfinite(values)]
         out[f"{key}_ci95"] = ([float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
                               if len(values) >= num_resamples // 2 else [float("nan"), float("nan")])
+    if with_draws:
+        out["draws"] = {key: [round(float(draw[key]), 6) for draw in draws] for key in ("index", *COMPONENTS)}
     return out

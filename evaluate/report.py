@@ -55,7 +55,8 @@ def _raf_section(report: dict[str, Any]) -> str:
                [[n, *[with_interval(e["raf"], key) for key in ("index", "performance", "robustness", "fairness")]]
                 for n, e in report["encoders"].items()]),
         html_note(f"{RAF_FORMULA} Weights: {report['config'].get('raf_weights')}. Brackets: 95% bootstrap intervals over "
-              "the test subjects (first replicate), resampled jointly."),
+              "every replicate's test subjects, resampled jointly (percentile intervals: a gap-based "
+              "component can lie outside its own interval when its bootstrap distribution is skewed)."),
         html_image(figures.raf_figure(report), "RAF components")])
 
 

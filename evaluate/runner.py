@@ -111,7 +111,9 @@ def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig
     result = {"source": entry.source, "probes": probes, "fairness": fairness_result, "robustness": robustness,
               "latent": latent_result,
               "raf": raf.raf_with_intervals(raf_inputs(primary_fits, y, data, config, altered_scores), config.weights(),
-                                            num_resamples=config.bootstrap_resamples, seed=first.seed)}
+                                            num_resamples=config.bootstrap_resamples, seed=first.seed,
+                                            with_draws=True)}
+    result["raf_draws"] = result["raf"].pop("draws")  # per-draw values: rank intervals across encoders
     if config.segmentation.enabled:
         result["segmentation"] = pixel_level_results(first.model, primary, data, config, seed=first.seed)
     result["headline"] = {

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_cohort_and_alter_commands(commands)
     _add_slurm_commands(commands)
+    _add_portal_commands(commands)
     listing = commands.add_parser("list", help="list what is registered: encoders, tasks, alterations, probes, group "
                                   "metrics, latent tests, launchers, configs, ...")
     listing.add_argument("what", choices=sorted(LISTINGS))
@@ -345,6 +346,131 @@ def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
     jobs.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. slurm.folder=DIR)")
 
 
+PORTAL_EXAMPLES = """organiser:
+  raf portal init runs/portal                                   # folders, settings, SQLite database
+  raf portal user runs/portal add ada --role organiser          # prints a generated password
+  raf portal add-challenge runs/portal runs/cohorts/v1 --name body-ct --licence "CC BY 4.0" \\
+      --protocol seeds=[0,1,2,3,4] --no-public-test-labels
+  raf portal serve runs/portal --host 0.0.0.0 --port 8000      # the web app (put HTTPS in front of it)
+  raf portal worker runs/portal                                 # scores queued submissions; run several
+participant:
+  raf portal submit --url https://portal.example.org --token raf_... --challenge body-ct runs/p/encoder.safetensors
+newcomer:
+  raf portal demo --out runs/portal-demo                        # everything above on the synthetic cohort"""
+
+
+PORTAL_COMMAND_EXAMPLES = {
+    "init": """examples:
+  raf portal init runs/portal
+  raf portal init /srv/portal --database-url postgresql+psycopg://portal@dbhost/portal""",
+    "add-challenge": """examples:
+  raf portal add-challenge runs/portal runs/cohorts/v1 --name body-ct
+  raf portal add-challenge runs/portal runs/cohorts/v1 --name body-ct --title "Body CT" --licence "CC BY 4.0" \\
+      --no-public-test-labels --protocol seeds=[0,1,2,3,4] --protocol bootstrap_resamples=1000""",
+    "serve": """examples:
+  raf portal serve runs/portal                         # http://127.0.0.1:8000/
+  raf portal serve runs/portal --host 0.0.0.0 --port 8080""",
+    "worker": """examples:
+  raf portal worker runs/portal                        # until Ctrl-C; start one per free core or machine
+  raf portal worker runs/portal --once                 # score what is queued, then stop""",
+    "user": """examples:
+  raf portal user runs/portal add ada --role organiser  # prints a generated password
+  RAF_PORTAL_PASSWORD='a long passphrase' raf portal user runs/portal add bo --team lab-b
+  raf portal user runs/portal token bo                  # a new API token for `raf portal submit`
+  raf portal user runs/portal disable bo                # signs bo out, revokes the tokens""",
+    "submit": """examples:
+  raf portal submit runs/p/encoder.safetensors --url http://127.0.0.1:8000 --token raf_... --challenge body-ct
+  RAF_PORTAL_TOKEN=raf_... raf portal submit runs/p/encoder.safetensors --url https://portal.example.org \\
+      --challenge body-ct --phase final --name 'contrastive, 400 steps'""",
+    "demo": """examples:
+  raf portal demo                                      # runs/portal-demo; Ctrl-C stops it
+  raf portal demo --out runs/big-demo --subjects 300 cohort.shape=[48,48,48]""",
+}
+
+
+def _add_portal_commands(commands: argparse._SubParsersAction) -> None:
+    """raf portal init | add-challenge | serve | worker | user | submit | demo."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    portal = commands.add_parser(
+        "portal", help="the benchmark web portal: public splits, a hidden split, submissions, leaderboards",
+        description="A benchmark portal: each challenge publishes its training and public test splits as webdataset "
+        "shards and keeps its hidden test split on the server; participants upload encoders (safetensors + card), "
+        "workers score them with the RAF evaluator, leaderboards show every number with its bootstrap interval, rank "
+        "intervals and ties. See docs/portal.md.", epilog=PORTAL_EXAMPLES, formatter_class=formatter)
+    sub = portal.add_subparsers(dest="portal_command", metavar="PORTAL_COMMAND", parser_class=RafArgumentParser,
+                                required=True)
+    init = sub.add_parser("init", epilog=PORTAL_COMMAND_EXAMPLES["init"], formatter_class=formatter, help="create a portal root (folders, portal.yaml, secret key, database)",
+                          description="Create ROOT with portal.yaml (settings: upload cap, lease, cookies), a secret "
+                          "key and the database (SQLite ROOT/portal.db unless --database-url), migrated to the newest "
+                          "schema. Re-running on an existing root upgrades its database.")
+    init.add_argument("root", metavar="ROOT")
+    init.add_argument("--database-url", metavar="URL", help="any SQLAlchemy URL, e.g. postgresql+psycopg://u@h/db")
+    add = sub.add_parser("add-challenge", epilog=PORTAL_COMMAND_EXAMPLES["add-challenge"], formatter_class=formatter, help="publish a `raf cohort build` output as a challenge",
+                         description="Publish BUILD_DIR (from `raf cohort build`): the train and public_test splits "
+                         "become webdataset shards with manifest.csv and SHA256SUMS under ROOT/public; the public test "
+                         "split (with labels) and the hidden_test split (renamed case-NNNN) become private stores the "
+                         "workers score on. Phases: sanity (public test split, logs shown) and final (hidden split).")
+    add.add_argument("root", metavar="ROOT")
+    add.add_argument("build_dir", metavar="BUILD_DIR")
+    add.add_argument("--name", required=True, help="the challenge's short name in URLs (lower case, digits, '-')")
+    add.add_argument("--title", help="the title shown on the pages (default: the build's name)")
+    add.add_argument("--description", help="what the challenge is about")
+    add.add_argument("--licence", help="the licence of the data, shown on the challenge page")
+    add.add_argument("--no-public-test-labels", action="store_true",
+                     help="publish the public test split without its label columns and label maps")
+    add.add_argument("--protocol", action="append", metavar="KEY=VALUE",
+                     help="evaluate.* setting of the scoring protocol, e.g. seeds=[0,1,2] (repeat)")
+    add.add_argument("--quiet", action="store_true", help="no progress bars")
+    serve = sub.add_parser("serve", epilog=PORTAL_COMMAND_EXAMPLES["serve"], formatter_class=formatter, help="run the web app (uvicorn)",
+                           description="Serve the pages and the JSON API (/api, documented at /api/docs).")
+    serve.add_argument("root", metavar="ROOT")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    worker = sub.add_parser("worker", epilog=PORTAL_COMMAND_EXAMPLES["worker"], formatter_class=formatter, help="score queued submissions (several workers may run)",
+                            description="Claim queued submissions one at a time with a lease in the database and "
+                            "score them on their phase's private split. A worker killed mid-scoring is noticed when "
+                            "its lease expires; another worker resumes the submission from its results store and "
+                            "embedding cache.")
+    worker.add_argument("root", metavar="ROOT")
+    worker.add_argument("--once", action="store_true", help="stop when the queue is empty")
+    worker.add_argument("--poll", type=float, default=2.0, metavar="S", help="seconds between queue checks")
+    user = sub.add_parser("user", epilog=PORTAL_COMMAND_EXAMPLES["user"], formatter_class=formatter, help="add users, make API tokens, disable or enable accounts",
+                          description="add NAME: a new account (password from $RAF_PORTAL_PASSWORD, else generated and "
+                          "printed); token NAME: a new API token; revoke NAME: revoke every token; disable / enable "
+                          "NAME (disabling signs the user out and revokes the tokens).")
+    user.add_argument("root", metavar="ROOT")
+    user.add_argument("action", choices=["add", "token", "revoke", "disable", "enable"])
+    user.add_argument("name", metavar="NAME")
+    user.add_argument("--role", default="participant", choices=["participant", "organiser", "admin"])
+    user.add_argument("--team", help="team name")
+    submit = sub.add_parser("submit", epilog=PORTAL_COMMAND_EXAMPLES["submit"], formatter_class=formatter, help="upload an encoder to a portal and wait for its score",
+                            description="Upload WEIGHTS (encoder.safetensors, its encoder.card.json next to it) to a "
+                            "challenge and wait until it is scored; exits 2 with the portal's reason when refused or "
+                            "failed.")
+    submit.add_argument("weights", metavar="WEIGHTS")
+    submit.add_argument("--url", required=True, help="the portal's address, e.g. https://portal.example.org")
+    submit.add_argument("--token", help="API token (default: $RAF_PORTAL_TOKEN)")
+    submit.add_argument("--challenge", required=True, help="the challenge's short name")
+    submit.add_argument("--phase", default="sanity", help="phase (default: sanity; the hidden split: final)")
+    submit.add_argument("--name", help="the entry's name on the leaderboard (default: the weights' folder name)")
+    submit.add_argument("--no-wait", action="store_true", help="return once queued")
+    submit.add_argument("--timeout", type=float, default=3600, metavar="S", help="give up waiting after S seconds")
+    submit.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo = sub.add_parser("demo", help="a working portal on the synthetic cohort with two scored encoders",
+                          description="Synthesise a cohort, build its splits, publish a challenge, add users "
+                          "(organiser, alice, bob), pretrain an encoder on the public training split, start the server "
+                          "and a worker, submit the pretrained and a random-init encoder, and print the URL.",
+                          epilog=PORTAL_COMMAND_EXAMPLES["demo"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
+    demo.add_argument("--out", default="runs/portal-demo", help="folder for everything (default: runs/portal-demo)")
+    demo.add_argument("-c", "--config", default="tiny", metavar="FILE",
+                      help="config of the cohort and pretraining (default: the packaged 'tiny')")
+    demo.add_argument("--subjects", type=int, default=160, help="subjects of the synthetic cohort (default: 160)")
+    demo.add_argument("--port", type=int, help="port (default: a free one)")
+    demo.add_argument("--exit-when-scored", action="store_true", help="stop once both encoders are scored")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one `raf` command line; returns the exit code (0, 1 partly done, 2 user error, 128 + N signal N)."""
     try:
@@ -359,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         began = time.perf_counter()
         run_command(args)
-        if args.command not in ("list", "report", "jobs", "leaderboard"):
+        if args.command not in ("list", "report", "jobs", "leaderboard", "portal"):
             print(f"done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
         return 0
     except UserError as error:

@@ -150,6 +150,12 @@ def run_quickstart(args: argparse.Namespace) -> Path:
     return html
 
 
+def run_portal(args: argparse.Namespace):
+    # the web stack (FastAPI, SQLAlchemy, Alembic, uvicorn, httpx) would cost every other command ~1.5 s of imports
+    from rafmedia.launch.portal_commands import run_portal_command
+    return run_portal_command(args)
+
+
 def run_shards(args: argparse.Namespace) -> Path:
     return globals()[f"run_shards_{args.shards_command}"](args)
 
