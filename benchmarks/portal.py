@@ -59,6 +59,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from rafmedia.portal.client import submit, wait_until_answers
+
 CHALLENGE = "synth-raf"
 PAGES = {  # name: (portal path, file name of the static copy)
     "challenge page": (f"/challenges/{CHALLENGE}", "challenge.html"),
@@ -116,21 +118,6 @@ def stop(process: subprocess.Popen | None, *, interrupt: bool = False) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> float:
-    """Seconds until `url` answers 200; raises if the process dies or the time runs out."""
-    began = time.perf_counter()
-    while time.perf_counter() - began < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: the server stopped at start-up; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.perf_counter() - began
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s; see {log}")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -254,7 +241,7 @@ def load_part(root: Path, work: Path, args: argparse.Namespace) -> list[dict[str
         portal_url = f"http://127.0.0.1:{port}"
         server = start([*RAF, "serve", str(root), "--port", str(port)], work / "bench-server.log")
         processes.append(server)
-        up = wait_until_up(portal_url + "/api/challenges", server, work / "bench-server.log")
+        up = wait_until_answers(portal_url + "/api/challenges", server, work / "bench-server.log")
         print(f"  portal server (pid {server.pid}) answered /api/challenges after {up:.1f} s", flush=True)
         sizes = static_copies(portal_url, static_dir)
         static_port = free_port()
@@ -262,7 +249,7 @@ def load_part(root: Path, work: Path, args: argparse.Namespace) -> list[dict[str
         static = start([sys.executable, "-c", STATIC_SERVER, str(static_dir), str(static_port)],
                        work / "bench-static.log")
         processes.append(static)
-        wait_until_up(f"{static_url}/{PAGES['leaderboard JSON'][1]}", static, work / "bench-static.log")
+        wait_until_answers(f"{static_url}/{PAGES['leaderboard JSON'][1]}", static, work / "bench-static.log")
         print(f"  static server (pid {static.pid}) up; {args.clients} clients, {args.warmup:g} s warm-up, "
               f"{args.duration:g} s per run", flush=True)
         load = {"clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup}
@@ -331,7 +318,6 @@ def new_token(root: Path, user: str) -> str:
 
 
 def upload_part(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from rafmedia.portal.client import submit
 
     out = work / "quickstart-size"
     print(f"\nupload to leaderboard: a demo at the quickstart's size ({QUICKSTART_SUBJECTS} subjects, "
@@ -354,7 +340,7 @@ def upload_part(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         server = start([*RAF, "serve", str(root), "--port", str(port)], out / "bench-server.log")
         processes.append(server)
-        wait_until_up(url + "/api/challenges", server, out / "bench-server.log")
+        wait_until_answers(url + "/api/challenges", server, out / "bench-server.log")
         worker_log = out / "bench-worker.log"
         worker = start([*RAF, "worker", str(root)], worker_log)
         processes.append(worker)

@@ -2,6 +2,7 @@
 into place), so a killed run never leaves a half-written file or folder that looks valid."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,15 @@ def publish_folder(staging: Path, final: Path) -> None:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Writes `obj` as indented JSON, atomically. NaN and infinities become null (valid JSON)."""
     return atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks: a file of any size in constant memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

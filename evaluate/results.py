@@ -46,14 +46,6 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def file_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            sha.update(chunk)
-    return sha.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class CellKey:
     encoder_digest: str

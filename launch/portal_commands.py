@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 from rafmedia.core.errors import UserError
@@ -18,7 +17,7 @@ from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
 from rafmedia.engine.pretrain import pretrain_encoder
 from rafmedia.launch.config import load_config
-from rafmedia.portal.client import submit
+from rafmedia.portal.client import submit, wait_until_answers
 from rafmedia.portal.scoring import run_worker
 from rafmedia.portal.service import init_portal, manage_user, publish_challenge, serve
 from rafmedia.shards.cohort import build_cohort
@@ -131,7 +130,7 @@ def run_portal_demo(args: argparse.Namespace) -> str:
                                   stderr=subprocess.STDOUT),
                  subprocess.Popen([*raf, "worker", str(root)], stdout=logs["worker"], stderr=subprocess.STDOUT)]
     try:
-        wait_for_server(url, processes[0], out / "server.log")
+        wait_until_answers(url + "/api/challenges", processes[0], out / "server.log")
         print("5/5 submissions (through the HTTP API, as `raf portal submit` does)", flush=True)
         for user, weights, name in (("alice", pretrained, f"{config.task.name} {config.encoder.name}"),
                                     ("bob", baseline, "random init")):
@@ -150,16 +149,3 @@ def run_portal_demo(args: argparse.Namespace) -> str:
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-
-
-def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise UserError(f"the portal server stopped at start-up; see {log}")
-        try:
-            if httpx.get(url + "/api/challenges", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise UserError(f"the portal server did not answer within {timeout_s:.0f} s; see {log}")

@@ -87,14 +87,21 @@ class Portal:
 
     # ---- who is asking -------------------------------------------------------------------------
     def identify(self, db, request: Request) -> tuple[User | None, WebSession | None]:
+        """(user, browser session) of the request; looked up once per request and database session."""
+        known = getattr(request.state, "identity", None)
+        if known is not None and known[0] is db:
+            return known[1]
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             user = accounts.token_user(db, header[7:].strip())
             if user is None:
                 raise HTTPException(401, "the API token is unknown, revoked or its user disabled")
-            return user, None
-        session = accounts.session_of(db, request.cookies.get(SESSION_COOKIE, ""))
-        return (session.user, session) if session else (None, None)
+            identity = (user, None)
+        else:
+            session = accounts.session_of(db, request.cookies.get(SESSION_COOKIE, ""))
+            identity = (session.user, session) if session else (None, None)
+        request.state.identity = (db, identity)
+        return identity
 
     def require_user(self, db, request: Request, *, fields: dict[str, Any] | None = None) -> User:
         """The signed-in user of a state-changing request: a token, or a session plus its CSRF token."""
@@ -112,6 +119,97 @@ class Portal:
         return self.templates.TemplateResponse(request, name, {"user": user,
                                                                "csrf": session.csrf_token if session else "",
                                                                **context}, status_code=status)
+
+
+    # ---- actions: each shared by a page's form and an API route ------------------------------------
+    def accept_submission(self, request: Request, slug: str, staging: Path, fields: dict[str, Any]) -> dict[str, Any]:
+        with self.sessions.begin() as db:
+            user = self.require_user(db, request, fields=fields)
+            challenge = challenge_or_404(db, slug)
+            phase = phase_or_404(challenge, str(fields.get("phase", "sanity")))
+            submissions.check_can_submit(db, user, phase)
+            channels, shape = len(challenge.input["channels"]), challenge.input["shape"]
+            card = check_encoder(staging / UPLOAD_FILES["weights"], staging / UPLOAD_FILES["card"],
+                                 channels=channels, shape=shape)
+            name = " ".join(str(fields.get("name", "")).split())[:100] or f"{card['architecture']} encoder"
+            public_id = secrets.token_hex(12)
+            folder = self.root.submissions / public_id
+            write_json(staging / UPLOAD_FILES["card"], {**card, "name": name})
+            staging.rename(folder)
+            try:
+                submission = submissions.enqueue(db, user, phase, name=name, folder=public_id,
+                                                 architecture=card["architecture"], public_id=public_id)
+                db.flush()
+                return submission_json(submission, with_log=False)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+
+    def update_phase(self, request: Request, slug: str, name: str, form: dict[str, Any], changes: dict[str, Any]):
+        with self.sessions.begin() as db:
+            user = self.require_user(db, request, fields=form)
+            require_organiser(user)
+            phase = phase_or_404(challenge_or_404(db, slug), name)
+            apply_phase_changes(phase, changes)
+            return {"phase": phase.name, "daily_limit": phase.daily_limit, "total_limit": phase.total_limit,
+                    "frozen": phase.frozen, "show_logs": phase.show_logs, "opens_at": phase.opens_at,
+                    "closes_at": phase.closes_at}
+
+    def rescore(self, request: Request, slug: str, name: str, form: dict[str, Any]) -> int:
+        with self.sessions.begin() as db:
+            user = self.require_user(db, request, fields=form)
+            require_organiser(user)
+            return submissions.rescore_phase(db, phase_or_404(challenge_or_404(db, slug), name))
+
+    def add_phase(self, request: Request, slug: str, form: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+        with self.sessions.begin() as db:
+            require_organiser(self.require_user(db, request, fields=form))
+            challenge = challenge_or_404(db, slug)
+            name, split = str(settings.pop("name", "")), str(settings.pop("split", ""))
+            if not PHASE_NAME.match(name):
+                raise UserError(f"phase name '{name[:40]}' must be 2-32 lower-case letters, digits or '-'")
+            if split not in ("public_test", "hidden_test"):
+                raise UserError(f"split must be public_test or hidden_test, got '{split[:40]}'")
+            if any(phase.name == name for phase in challenge.phases):
+                raise UserError(f"challenge '{slug}' has a phase '{name}' already")
+            phase = Phase(challenge_id=challenge.id, name=name, split=split,
+                          description=str(settings.pop("description", ""))[:1000])
+            apply_phase_changes(phase, settings)
+            db.add(phase)
+            return {"phase": name, "split": split}
+
+    def change_protocol(self, request: Request, slug: str, form: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        with self.sessions.begin() as db:
+            require_organiser(self.require_user(db, request, fields=form))
+            challenge = challenge_or_404(db, slug)
+            protocol = {**challenge.protocol, **changes}
+            evaluate_config(protocol)  # unknown keys and bad values are refused here
+            if {"cohort", "encoders"} & set(changes):
+                raise UserError("the protocol cannot set cohort or encoders: the portal does")
+            challenge.protocol_json = json.dumps(protocol)
+            queued = sum(submissions.rescore_phase(db, phase) for phase in challenge.phases)
+            return {"protocol": protocol, "queued": queued}
+
+    def change_user(self, request: Request, name: str, form: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        with self.sessions.begin() as db:
+            require_admin(self.require_user(db, request, fields=form))
+            user = db.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise HTTPException(404, f"no user '{name}'")
+            if changes.get("role") is not None:
+                if changes["role"] not in ROLES:
+                    raise UserError(f"role must be one of {', '.join(ROLES)}")
+                user.role = changes["role"]
+            if changes.get("disabled") is not None:
+                accounts.set_disabled(db, user, bool(changes["disabled"]))
+            return user_json(user)
+
+    def change_password(self, request: Request, form: dict[str, Any]) -> None:
+        with self.sessions.begin() as db:
+            user = self.require_user(db, request, fields=form)
+            if accounts.authenticate(db, user.name, str(form.get("current", ""))) is None:
+                raise HTTPException(403, "the current password is wrong")
+            accounts.set_password(user, str(form.get("new", "")))
 
 
 def challenge_or_404(db, slug: str) -> Challenge:
@@ -362,13 +460,13 @@ def create_app(root: str | Path) -> FastAPI:
         form = dict(await request.form())
         changes = {key: form[key] for key in ("daily_limit", "total_limit", "closes_at", "opens_at") if key in form}
         changes.update({key: key in form for key in ("frozen", "show_logs")})
-        await run_in_threadpool(update_phase, request, slug, name, form, changes)
+        await run_in_threadpool(portal.update_phase, request, slug, name, form, changes)
         return RedirectResponse(f"/challenges/{slug}#phases", status_code=303)
 
     @app.post("/challenges/{slug}/phases/{name}/rescore")
     async def rescore_form(request: Request, slug: str, name: str):
         form = dict(await request.form())
-        await run_in_threadpool(rescore, request, slug, name, form)
+        await run_in_threadpool(portal.rescore, request, slug, name, form)
         return RedirectResponse(f"/challenges/{slug}/leaderboard?phase={name}", status_code=303)
 
     # ---- JSON API ------------------------------------------------------------------------------
@@ -423,29 +521,29 @@ def create_app(root: str | Path) -> FastAPI:
     @app.post("/api/challenges/{slug}/phases/{name}")
     async def api_phase(request: Request, slug: str, name: str):
         changes = await json_object(request)
-        return await run_in_threadpool(update_phase, request, slug, name, {}, changes)
+        return await run_in_threadpool(portal.update_phase, request, slug, name, {}, changes)
 
     @app.post("/api/challenges/{slug}/phases/{name}/rescore")
     async def api_rescore(request: Request, slug: str, name: str):
-        return {"queued": await run_in_threadpool(rescore, request, slug, name, {})}
+        return {"queued": await run_in_threadpool(portal.rescore, request, slug, name, {})}
 
     @app.post("/api/challenges/{slug}/phases", status_code=201)
     async def api_add_phase(request: Request, slug: str):
         settings = await json_object(request)
-        return await run_in_threadpool(add_phase, request, slug, {}, settings)
+        return await run_in_threadpool(portal.add_phase, request, slug, {}, settings)
 
     @app.post("/challenges/{slug}/phases")
     async def add_phase_form(request: Request, slug: str):
         form = dict(await request.form())
         settings = {k: v for k, v in form.items() if k != "csrf_token" and v != ""}
         settings["show_logs"] = "show_logs" in form
-        await run_in_threadpool(add_phase, request, slug, form, settings)
+        await run_in_threadpool(portal.add_phase, request, slug, form, settings)
         return RedirectResponse(f"/challenges/{slug}#phases", status_code=303)
 
     @app.post("/api/challenges/{slug}/protocol")
     async def api_protocol(request: Request, slug: str):
         changes = await json_object(request)
-        return await run_in_threadpool(change_protocol, request, slug, {}, changes)
+        return await run_in_threadpool(portal.change_protocol, request, slug, {}, changes)
 
     @app.post("/challenges/{slug}/protocol")
     async def protocol_form(request: Request, slug: str):
@@ -456,7 +554,7 @@ def create_app(root: str | Path) -> FastAPI:
             raise UserError(f"the protocol is not YAML: {error}") from None
         if not isinstance(changes, dict):
             raise UserError("the protocol must be evaluate keys and values, e.g. 'seeds: [0, 1, 2]'")
-        await run_in_threadpool(change_protocol, request, slug, form, changes)
+        await run_in_threadpool(portal.change_protocol, request, slug, form, changes)
         return RedirectResponse(f"/challenges/{slug}#protocol", status_code=303)
 
     @app.get("/api/admin/users")
@@ -474,22 +572,22 @@ def create_app(root: str | Path) -> FastAPI:
     @app.post("/api/admin/users/{name}")
     async def api_user(request: Request, name: str):
         changes = await json_object(request)
-        return await run_in_threadpool(change_user, request, name, {}, changes)
+        return await run_in_threadpool(portal.change_user, request, name, {}, changes)
 
     @app.post("/admin/users/{name}")
     async def user_form(request: Request, name: str):
         form = dict(await request.form())
         changes = {"role": form.get("role"), "disabled": "disabled" in form}
-        await run_in_threadpool(change_user, request, name, form, changes)
+        await run_in_threadpool(portal.change_user, request, name, form, changes)
         return RedirectResponse("/admin/users", status_code=303)
 
     @app.post("/me/password")
     async def password_form(request: Request):
         form = dict(await request.form())
-        await run_in_threadpool(change_password, request, form)
+        await run_in_threadpool(portal.change_password, request, form)
         return RedirectResponse("/me", status_code=303)
 
-    # ---- actions shared by the pages and the API ----------------------------------------------
+    # ---- receiving a submission ---------------------------------------------------------------
     async def receive_submission(request: Request, slug: str) -> dict[str, Any]:
         with portal.sessions() as db:  # before reading the body: who, where, and whether they may
             if portal.identify(db, request)[0] is None:
@@ -498,99 +596,9 @@ def create_app(root: str | Path) -> FastAPI:
         staging = new_folder(portal.root.uploads)
         fields = await receive_files(request, staging, UPLOAD_FILES)
         try:
-            return await run_in_threadpool(accept_submission, request, slug, staging, fields)
+            return await run_in_threadpool(portal.accept_submission, request, slug, staging, fields)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-    def accept_submission(request: Request, slug: str, staging: Path, fields: dict[str, Any]) -> dict[str, Any]:
-        with portal.sessions.begin() as db:
-            user = portal.require_user(db, request, fields=fields)
-            challenge = challenge_or_404(db, slug)
-            phase = phase_or_404(challenge, str(fields.get("phase", "sanity")))
-            submissions.check_can_submit(db, user, phase)
-            channels, shape = len(challenge.input["channels"]), challenge.input["shape"]
-            card = check_encoder(staging / UPLOAD_FILES["weights"], staging / UPLOAD_FILES["card"],
-                                 channels=channels, shape=shape)
-            name = " ".join(str(fields.get("name", "")).split())[:100] or f"{card['architecture']} encoder"
-            public_id = secrets.token_hex(12)
-            folder = portal.root.submissions / public_id
-            (staging / UPLOAD_FILES["card"]).unlink()
-            write_json(staging / UPLOAD_FILES["card"], {**card, "name": name})
-            staging.rename(folder)
-            try:
-                submission = submissions.enqueue(db, user, phase, name=name, folder=public_id,
-                                                 architecture=card["architecture"], public_id=public_id)
-                db.flush()
-                return submission_json(submission, with_log=False)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-
-    def update_phase(request: Request, slug: str, name: str, form: dict[str, Any], changes: dict[str, Any]):
-        with portal.sessions.begin() as db:
-            user = portal.require_user(db, request, fields=form)
-            require_organiser(user)
-            phase = phase_or_404(challenge_or_404(db, slug), name)
-            apply_phase_changes(phase, changes)
-            return {"phase": phase.name, "daily_limit": phase.daily_limit, "total_limit": phase.total_limit,
-                    "frozen": phase.frozen, "show_logs": phase.show_logs, "opens_at": phase.opens_at,
-                    "closes_at": phase.closes_at}
-
-    def rescore(request: Request, slug: str, name: str, form: dict[str, Any]) -> int:
-        with portal.sessions.begin() as db:
-            user = portal.require_user(db, request, fields=form)
-            require_organiser(user)
-            return submissions.rescore_phase(db, phase_or_404(challenge_or_404(db, slug), name))
-
-    def add_phase(request: Request, slug: str, form: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-        with portal.sessions.begin() as db:
-            require_organiser(portal.require_user(db, request, fields=form))
-            challenge = challenge_or_404(db, slug)
-            name, split = str(settings.pop("name", "")), str(settings.pop("split", ""))
-            if not PHASE_NAME.match(name):
-                raise UserError(f"phase name '{name[:40]}' must be 2-32 lower-case letters, digits or '-'")
-            if split not in ("public_test", "hidden_test"):
-                raise UserError(f"split must be public_test or hidden_test, got '{split[:40]}'")
-            if any(phase.name == name for phase in challenge.phases):
-                raise UserError(f"challenge '{slug}' has a phase '{name}' already")
-            phase = Phase(challenge_id=challenge.id, name=name, split=split,
-                          description=str(settings.pop("description", ""))[:1000])
-            apply_phase_changes(phase, settings)
-            db.add(phase)
-            return {"phase": name, "split": split}
-
-    def change_protocol(request: Request, slug: str, form: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-        with portal.sessions.begin() as db:
-            require_organiser(portal.require_user(db, request, fields=form))
-            challenge = challenge_or_404(db, slug)
-            protocol = {**challenge.protocol, **changes}
-            evaluate_config(protocol)  # unknown keys and bad values are refused here
-            if {"cohort", "encoders"} & set(changes):
-                raise UserError("the protocol cannot set cohort or encoders: the portal does")
-            challenge.protocol_json = json.dumps(protocol)
-            queued = sum(submissions.rescore_phase(db, phase) for phase in challenge.phases)
-            return {"protocol": protocol, "queued": queued}
-
-    def change_user(request: Request, name: str, form: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-        with portal.sessions.begin() as db:
-            require_admin(portal.require_user(db, request, fields=form))
-            user = db.scalar(select(User).where(User.name == name))
-            if user is None:
-                raise HTTPException(404, f"no user '{name}'")
-            if changes.get("role") is not None:
-                if changes["role"] not in ROLES:
-                    raise UserError(f"role must be one of {', '.join(ROLES)}")
-                user.role = changes["role"]
-            if changes.get("disabled") is not None:
-                accounts.set_disabled(db, user, bool(changes["disabled"]))
-            return user_json(user)
-
-    def change_password(request: Request, form: dict[str, Any]) -> None:
-        with portal.sessions.begin() as db:
-            user = portal.require_user(db, request, fields=form)
-            if accounts.authenticate(db, user.name, str(form.get("current", ""))) is None:
-                raise HTTPException(403, "the current password is wrong")
-            accounts.set_password(user, str(form.get("new", "")))
 
     return app
 

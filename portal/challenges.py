@@ -15,7 +15,6 @@ a private cohort store, datasheets, and the two phases.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from rafmedia.core.config import Schema
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import atomic_write_text, publish_folder, read_json
+from rafmedia.core.files import atomic_write_text, publish_folder, read_json, sha256_file, write_json
 from rafmedia.evaluate.config import EvaluateConfig
 from rafmedia.portal.db import Challenge, Download, Phase
 from rafmedia.portal.settings import PortalRoot
@@ -55,14 +54,6 @@ def evaluate_config(protocol: dict[str, Any]) -> EvaluateConfig:
     return Schema(EvaluateConfig, key_label="protocol key").build({**DEFAULT_PROTOCOL, **protocol})
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def hidden_ids(num_subjects: int, seed: int) -> list[str]:
     """`case-NNNN` ids in a seeded random order: the hidden store's ids say nothing about the source subjects."""
     order = np.random.default_rng([seed, 7]).permutation(num_subjects)
@@ -82,16 +73,16 @@ def publish_split(root: PortalRoot, build_dir: Path, split: str, slug: str, *, d
                           progress=progress)
         shutil.copyfile(store.path / "manifest.csv", work / "shards" / "manifest.csv")
         index = read_json(work / "shards" / "index.json")
-        index["source"] = f"{slug}/{split}"  # not the server's path
-        atomic_write_text(work / "shards" / "index.json", json.dumps(index, indent=2))
+        write_json(work / "shards" / "index.json", {**index, "source": f"{slug}/{split}"})  # not the server's path
         files = sorted(p for p in (work / "shards").iterdir() if p.is_file())
         sums = {p.name: sha256_file(p) for p in files}
         atomic_write_text(work / "shards" / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sums.items()))
         publish_folder(work / "shards", final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    records = [{"name": p.name, "relative_path": str(p.relative_to(root.public)), "bytes": p.stat().st_size,
-                "sha256": sums.get(p.name) or sha256_file(p)} for p in sorted(final.iterdir()) if p.is_file()]
+    sums["SHA256SUMS"] = sha256_file(final / "SHA256SUMS")
+    records = [{"name": name, "relative_path": str((final / name).relative_to(root.public)),
+                "bytes": (final / name).stat().st_size, "sha256": sha} for name, sha in sorted(sums.items())]
     return final, records
 
 

@@ -4,6 +4,7 @@ The upload streams from disk (httpx multipart), so a large encoder is never read
 """
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,20 @@ def submit(url: str, token: str, challenge: str, weights: str | Path, *, phase: 
     log(f"scored: RAF {score['index']:.3f} [{low:.3f}, {high:.3f}] (P {score['performance']:.3f}, "
         f"R {score['robustness']:.3f}, F {score['fairness']:.3f}); report: {base}{submission['url']}/report")
     return submission
+
+
+def wait_until_answers(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> float:
+    """Seconds until `url` answers 200 (a server `process` just started); a `UserError` naming its `log` when the
+    process stops first or the time runs out."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < timeout_s:
+        if process.poll() is not None:
+            raise UserError(f"the server behind {url} stopped at start-up; see {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - began
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise UserError(f"{url} did not answer within {timeout_s:.0f} s; see {log}")
+

@@ -95,19 +95,21 @@ class Heartbeat(threading.Thread):
                       if path.is_dir() and not any(part.startswith(".") for part in path.relative_to(self.cache).parts))
         return min(0.95, 0.9 * batches / self.expected)
 
+    def renew(self) -> bool:
+        """Extends the lease and records stage and progress; False (and `lost`) once another worker holds it."""
+        self.lost = self.lost or not submissions.renew(self.sessions, self.submission_id, self.token,
+                                                       lease_s=self.lease_s, stage=self.stage,
+                                                       progress=self.progress())
+        return not self.lost
+
     def set_stage(self, stage: str) -> None:
         """Records a new stage at once (not at the next renewal)."""
         self.stage = stage
-        if not submissions.renew(self.sessions, self.submission_id, self.token, lease_s=self.lease_s, stage=stage,
-                                 progress=self.progress()):
-            self.lost = True
+        self.renew()
 
     def run(self) -> None:
-        while not self.stopped.wait(self.lease_s / 3):
-            if not submissions.renew(self.sessions, self.submission_id, self.token, lease_s=self.lease_s,
-                                     stage=self.stage, progress=self.progress()):
-                self.lost = True
-                return
+        while not self.stopped.wait(self.lease_s / 3) and self.renew():
+            pass
 
 
 def score_submission(root: PortalRoot, sessions, submission_id: int, token: str, *, log) -> bool:

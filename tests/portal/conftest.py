@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +13,12 @@ import httpx
 import pytest
 import torch
 
+from rafmedia.core.errors import UserError
 from rafmedia.engine.distributed import free_port
 from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
 from rafmedia.launch.portal_commands import demo_spec
+from rafmedia.portal.client import wait_until_answers
 from rafmedia.portal.service import init_portal, manage_user, publish_challenge
 from rafmedia.shards.cohort import build_cohort
 from rafmedia.shards.cohort_spec import spec_from_dict
@@ -83,16 +84,12 @@ def run_worker(root: Path, *extra: str, timeout: float = 600) -> subprocess.Comp
 def start_server(root: Path, port: int, log: Path) -> subprocess.Popen:
     server = subprocess.Popen([str(RAF), "portal", "serve", str(root), "--port", str(port)],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert server.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/challenges", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    server.kill()
-    raise RuntimeError(f"portal server did not start: {log.read_text()}")
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/api/challenges", server, log, timeout_s=90)
+    except UserError:
+        server.kill()
+        raise RuntimeError(f"portal server did not start: {log.read_text()}") from None
+    return server
 
 
 @pytest.fixture(scope="session")
