@@ -55,6 +55,7 @@ setup(
         # the benchmark portal (`raf portal`): ASGI app, server-rendered pages, database and migrations, accounts
         "fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9", "sqlalchemy>=2.0",
         "alembic>=1.13", "argon2-cffi>=23.1", "httpx>=0.27",
+        "psycopg[binary]>=3.1",  # PostgreSQL, the database of a portal on several hosts (docs/portal.md)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],

@@ -421,6 +421,13 @@ def print_upload(result: dict[str, Any]) -> None:
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
+def print_machine(started: datetime.datetime, command: str) -> None:
+    """The machine, date, duration and command of a benchmark run: what RESULTS.md records with a figure."""
+    print(f"\nmachine: {os.cpu_count()} cores (os.cpu_count()), {platform.platform()}; date {started:%Y-%m-%d %H:%M}; "
+          f"took {(datetime.datetime.now() - started).total_seconds():.0f} s; load average at the end "
+          f"{os.getloadavg()[0]:.2f}\ncommand: {command}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="96-subject demo, 3 s per page, no upload part")
@@ -459,9 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmachine: {os.cpu_count()} cores (os.cpu_count()), {platform.platform()}; date {started:%Y-%m-%d %H:%M}; "
-          f"took {(datetime.datetime.now() - started).total_seconds():.0f} s; load average at the end "
-          f"{os.getloadavg()[0]:.2f}\ncommand: {command}")
+    print_machine(started, command)
     return result
 
 

@@ -33,7 +33,8 @@ from rafmedia.evaluate.segmentation import pixel_level_results
 
 
 def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: ResultsStore | None = None,
-                   cache: EmbeddingCache | None = None, place: Place | None = None) -> dict[str, Any]:
+                   cache: EmbeddingCache | None = None, place: Place | None = None,
+                   entries: list[EncoderEntry] | None = None) -> dict[str, Any]:
     """Scores every encoder of `config` on its cohort; returns the report dictionary.
 
     Each (encoder, cohort, settings) cell already in `results` is read from it instead of computed, and each
@@ -41,14 +42,15 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
     killed half-way re-embeds nothing it had finished. Under torchrun (or srun, mpirun) every rank works on every
     cell and embeds its share of the subjects (subject i on rank i mod world size), gathered by subject index; the
     rest (probes, bootstraps, permutations) is repeated on every rank from the same embeddings, so every rank
-    returns the one-process report. Rank 0 reads and writes the results store.
+    returns the one-process report. Rank 0 reads and writes the results store. `entries`, when given, are scored
+    instead of the entries `config.encoders` would build (the portal's sandboxed encoders).
     """
     config.validate()
     place = place or place_from_environment()
     init_distributed(place)
     data = load_cohort(config, progress=progress and place.is_main)
-    entries = build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds,
-                            random_baseline=config.random_baseline)
+    entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds,
+                                       random_baseline=config.random_baseline)
     embed = Embedder(data.volumes, [row["subject_id"] for row in data.rows], data.digest,
                      batch_size=config.batch_size, patch_size=config.patch_size, cache=cache)
     settings = config.settings_digest()

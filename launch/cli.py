@@ -372,7 +372,11 @@ PORTAL_COMMAND_EXAMPLES = {
   raf portal serve runs/portal --host 0.0.0.0 --port 8080""",
     "worker": """examples:
   raf portal worker runs/portal                        # until Ctrl-C; start one per free core or machine
-  raf portal worker runs/portal --once                 # score what is queued, then stop""",
+  raf portal worker runs/portal --once                 # score what is queued, then stop
+  raf portal worker runs/portal --slurm --partition gpu --gpus 1 --time 120 slurm.mem_gb=32 --max-jobs 8
+      (on a login node: each submission is a `raf evaluate` SLURM job, as `raf submit evaluate` makes; follow
+       them with `raf jobs slurm.folder=runs/portal/jobs`)
+  raf portal worker runs/portal --slurm -c cluster.yaml   # the slurm section of a profile, as for `raf submit`""",
     "user": """examples:
   raf portal user runs/portal add ada --role organiser  # prints a generated password
   RAF_PORTAL_PASSWORD='a long passphrase' raf portal user runs/portal add bo --team lab-b
@@ -381,7 +385,8 @@ PORTAL_COMMAND_EXAMPLES = {
     "submit": """examples:
   raf portal submit runs/p/encoder.safetensors --url http://127.0.0.1:8000 --token raf_... --challenge body-ct
   RAF_PORTAL_TOKEN=raf_... raf portal submit runs/p/encoder.safetensors --url https://portal.example.org \\
-      --challenge body-ct --phase final --name 'contrastive, 400 steps'""",
+      --challenge body-ct --phase final --name 'contrastive, 400 steps'
+  raf portal submit my/encoder.safetensors --code my/my_encoder.py --url ... --challenge body-ct  # own code""",
     "demo": """examples:
   raf portal demo                                      # runs/portal-demo; Ctrl-C stops it
   raf portal demo --out runs/big-demo --subjects 300 cohort.shape=[48,48,48]""",
@@ -434,6 +439,22 @@ def _add_portal_commands(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("root", metavar="ROOT")
     worker.add_argument("--once", action="store_true", help="stop when the queue is empty")
     worker.add_argument("--poll", type=float, default=2.0, metavar="S", help="seconds between queue checks")
+    cluster = worker.add_argument_group(
+        "scoring on a cluster", "--slurm: each submission is scored by a SLURM job (`raf evaluate` through submitit, "
+        "as `raf submit evaluate` runs it) that this worker submits and follows; ROOT must be on a filesystem the "
+        "compute nodes share. Resources: the packaged slurm section <- -c FILE <- slurm.key=value <- the flags.")
+    cluster.add_argument("--slurm", action="store_true", help="score each submission as a SLURM job")
+    cluster.add_argument("-c", "--config", metavar="FILE", help="config whose slurm section sets the jobs' resources")
+    cluster.add_argument("--partition", metavar="P", help="sets slurm.partition")
+    cluster.add_argument("--time", type=int, metavar="MIN", help="sets slurm.time_min (the job's time limit)")
+    cluster.add_argument("--gpus", type=int, metavar="N", help="sets slurm.gpus_per_node")
+    cluster.add_argument("--max-jobs", type=int, default=1, metavar="N",
+                         help="submissions whose jobs are followed at once (default: 1)")
+    cluster.add_argument("overrides", nargs="*", metavar="slurm.key=value",
+                         help="slurm overrides, e.g. slurm.mem_gb=32 slurm.account=lab slurm.folder=DIR "
+                         "(default folder: ROOT/jobs)")
+    # the job runs its command line through this module's `main`, as `raf submit` does (see RafJob)
+    worker.set_defaults(entry=main)
     user = sub.add_parser("user", epilog=PORTAL_COMMAND_EXAMPLES["user"], formatter_class=formatter, help="add users, make API tokens, disable or enable accounts",
                           description="add NAME: a new account (password from $RAF_PORTAL_PASSWORD, else generated and "
                           "printed); token NAME: a new API token; revoke NAME: revoke every token; disable / enable "
@@ -446,7 +467,9 @@ def _add_portal_commands(commands: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", epilog=PORTAL_COMMAND_EXAMPLES["submit"], formatter_class=formatter, help="upload an encoder to a portal and wait for its score",
                             description="Upload WEIGHTS (encoder.safetensors, its encoder.card.json next to it) to a "
                             "challenge and wait until it is scored; exits 2 with the portal's reason when refused or "
-                            "failed.")
+                            "failed. The weights go as a resumable upload in chunks: a dropped connection or a "
+                            "restarting portal is retried with back-off, and the same command run again after an "
+                            "interruption continues the upload where the portal has it (docs/portal.md).")
     submit.add_argument("weights", metavar="WEIGHTS")
     submit.add_argument("--url", required=True, help="the portal's address, e.g. https://portal.example.org")
     submit.add_argument("--token", help="API token (default: $RAF_PORTAL_TOKEN)")
@@ -456,6 +479,16 @@ def _add_portal_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--no-wait", action="store_true", help="return once queued")
     submit.add_argument("--timeout", type=float, default=3600, metavar="S", help="give up waiting after S seconds")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
+    submit.add_argument("--chunk-mb", type=float, default=8.0, metavar="MB",
+                        help="size of each chunk of the resumable upload (default: 8)")
+    submit.add_argument("--retry-for", type=float, default=600, metavar="S",
+                        help="keep retrying a dropped connection or a restarting portal for S seconds without "
+                        "progress (default: 600); running the same command again later resumes the upload")
+    submit.add_argument("--single-request", action="store_true",
+                        help="send the weights in one request, not as a resumable upload in chunks")
+    submit.add_argument("--code", metavar="FILE",
+                        help="your encoder's code (a .py file or a .tar.gz package) when the card names its factory "
+                        "('factory': 'module:function'); it runs in the portal's sandbox (docs/portal-security.md)")
     demo = sub.add_parser("demo", help="a working portal on the synthetic cohort with two scored encoders",
                           description="Synthesise a cohort, build its splits, publish a challenge, add users "
                           "(organiser, alice, bob), pretrain an encoder on the public training split, start the server "

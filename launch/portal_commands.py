@@ -17,6 +17,8 @@ from rafmedia.engine.encoders import create_encoder
 from rafmedia.engine.export import export_encoder
 from rafmedia.engine.pretrain import pretrain_encoder
 from rafmedia.launch.config import load_config
+from rafmedia.launch.portal_cluster import run_cluster_worker, worker_slurm_config
+from rafmedia.portal import sandbox
 from rafmedia.portal.client import submit, wait_until_answers
 from rafmedia.portal.scoring import run_worker
 from rafmedia.portal.service import init_portal, manage_user, publish_challenge, serve
@@ -60,6 +62,18 @@ def run_portal_serve(args: argparse.Namespace) -> None:
 
 
 def run_portal_worker(args: argparse.Namespace) -> int:
+    print(sandbox.detect().describe())  # what submitted code would run under, before any is claimed
+    if args.slurm:
+        slurm = worker_slurm_config(args.root, config_file=args.config, overrides=args.overrides,
+                                    partition=args.partition, time_min=args.time, gpus=args.gpus)
+        return run_cluster_worker(args.root, slurm=slurm, entry=args.entry, once=args.once, poll_s=args.poll,
+                                  max_jobs=args.max_jobs)
+    given = [option for option, value in (("-c/--config", args.config), ("--partition", args.partition is not None),
+                                          ("--time", args.time is not None), ("--gpus", args.gpus is not None),
+                                          ("--max-jobs", args.max_jobs != 1), ("slurm.* overrides", args.overrides))
+             if value]
+    if given:
+        raise UserError(f"{', '.join(given)} only apply with --slurm (scoring on a cluster); add --slurm or drop them")
     return run_worker(args.root, once=args.once, poll_s=args.poll)
 
 
@@ -76,7 +90,9 @@ def run_portal_submit(args: argparse.Namespace) -> dict:
         raise UserError("no API token: pass --token or set RAF_PORTAL_TOKEN (make one on your account page, or "
                         "`raf portal user ROOT token NAME`)")
     return submit(args.url, token, args.challenge, args.weights, phase=args.phase, name=args.name or "",
-                  wait=not args.no_wait, timeout_s=args.timeout, progress=not args.quiet)
+                  wait=not args.no_wait, timeout_s=args.timeout, progress=not args.quiet,
+                  single_request=args.single_request, chunk_mb=args.chunk_mb, retry_for_s=args.retry_for,
+                  code=args.code)
 
 
 def demo_spec(store: Path) -> dict:
@@ -134,8 +150,9 @@ def run_portal_demo(args: argparse.Namespace) -> str:
         print("5/5 submissions (through the HTTP API, as `raf portal submit` does)", flush=True)
         for user, weights, name in (("alice", pretrained, f"{config.task.name} {config.encoder.name}"),
                                     ("bob", baseline, "random init")):
-            submit(url, tokens[user], "synth-raf", weights, phase="final", name=name, progress=not quiet)
-        print(f"\nportal demo running: {url}/challenges/synth-raf/leaderboard\n"
+            submit(url, tokens[user], "synth-raf", weights, phase="sanity", name=name, progress=not quiet)
+        print(f"\nportal demo running: {url}/challenges/synth-raf/leaderboard?phase=sanity\n"
+              "  (the final phase's leaderboard stays private until the organiser reveals it)\n"
               f"  sign in as organiser / organiser-demo-password, alice / alice-demo-password or "
               f"bob / bob-demo-password\n  logs: {out}/server.log, {out}/worker.log", flush=True)
         if args.exit_when_scored:

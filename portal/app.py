@@ -31,6 +31,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
@@ -38,19 +39,20 @@ from starlette.staticfiles import StaticFiles
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import write_json
 from rafmedia.evaluate.raf import RAF_FORMULA
-from rafmedia.portal import accounts, leaderboard, submissions
+from rafmedia.portal import accounts, leaderboard, resumable, submissions
 from rafmedia.portal.challenges import evaluate_config
 from rafmedia.portal.db import ROLES, Challenge, Download, Phase, Submission, User, WebSession, open_database
 from rafmedia.portal.scoring import REPORT_HTML, submission_folder
 from rafmedia.portal.settings import PortalRoot
-from rafmedia.portal.uploads import BodyLimit, new_folder, receive_files
-from rafmedia.portal.validation import InvalidSubmission, check_encoder
+from rafmedia.portal.uploads import UPLOAD_ROUTE, BodyLimit, UploadRefused, new_folder, receive_files
+from rafmedia.portal.validation import InvalidSubmission, check_card, check_code, check_encoder
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "raf_session"
 LOGIN_COOKIE = "raf_login"  # double-submit token of the sign-in form (before there is a session)
 PUBLIC_SPLITS = ("train", "public_test")
-UPLOAD_FILES = {"weights": "encoder.safetensors", "card": "encoder.card.json"}
+UPLOAD_FILES = {"weights": "encoder.safetensors", "card": "encoder.card.json", "code": "code.upload"}
+OPTIONAL_FILES = ("code",)  # the participant's own code: a .py file or a .tar.gz package (runs in the sandbox)
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -83,7 +85,8 @@ class Portal:
         self.sessions = open_database(root.database_url)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters.update(when=when, number=number, interval=interval)
-        self.templates.env.globals.update(title=root.settings.title, formula=RAF_FORMULA)
+        self.templates.env.globals.update(title=root.settings.title, formula=RAF_FORMULA, score_view=score_view,
+                                          report_visible=report_visible)
 
     # ---- who is asking -------------------------------------------------------------------------
     def identify(self, db, request: Request) -> tuple[User | None, WebSession | None]:
@@ -127,18 +130,26 @@ class Portal:
             user = self.require_user(db, request, fields=fields)
             challenge = challenge_or_404(db, slug)
             phase = phase_or_404(challenge, str(fields.get("phase", "sanity")))
+            upload = str(fields.get("upload", "")).strip()  # a finished resumable upload instead of `weights`
+            earlier = resumable.submission_from(db, user.id, upload)
+            if earlier is not None:  # the same request again, its answer lost: the submission it made, not another
+                return submission_json(earlier, with_log=False)
+            resumable.weights_from(db, self.root, user.id, upload, staging / UPLOAD_FILES["weights"])
             submissions.check_can_submit(db, user, phase)
             channels, shape = len(challenge.input["channels"]), challenge.input["shape"]
+            runs_code = accept_code(staging, check_card(staging / UPLOAD_FILES["card"]),
+                                    max_bytes=int(self.root.settings.max_code_kb * 1024))
             card = check_encoder(staging / UPLOAD_FILES["weights"], staging / UPLOAD_FILES["card"],
                                  channels=channels, shape=shape)
-            name = " ".join(str(fields.get("name", "")).split())[:100] or f"{card['architecture']} encoder"
-            public_id = secrets.token_hex(12)
+            architecture = card.get("architecture") or card["factory"]
+            name = " ".join(str(fields.get("name", "")).split())[:100] or f"{architecture} encoder"
+            public_id = upload or secrets.token_hex(12)  # an upload's id was checked by weights_from
             folder = self.root.submissions / public_id
             write_json(staging / UPLOAD_FILES["card"], {**card, "name": name})
             staging.rename(folder)
             try:
                 submission = submissions.enqueue(db, user, phase, name=name, folder=public_id,
-                                                 architecture=card["architecture"], public_id=public_id)
+                                                 architecture=architecture, public_id=public_id, runs_code=runs_code)
                 db.flush()
                 return submission_json(submission, with_log=False)
             except BaseException:
@@ -151,9 +162,20 @@ class Portal:
             require_organiser(user)
             phase = phase_or_404(challenge_or_404(db, slug), name)
             apply_phase_changes(phase, changes)
-            return {"phase": phase.name, "daily_limit": phase.daily_limit, "total_limit": phase.total_limit,
-                    "frozen": phase.frozen, "show_logs": phase.show_logs, "opens_at": phase.opens_at,
-                    "closes_at": phase.closes_at}
+            return {"phase": phase.name, **phase_json(phase)}
+
+    def reveal(self, request: Request, slug: str, name: str, form: dict[str, Any]) -> dict[str, Any]:
+        """Reveals a private leaderboard and closes its phase (closes_at = revealed_at = now, or the earlier close)."""
+        with self.sessions.begin() as db:
+            require_organiser(self.require_user(db, request, fields=form))
+            phase = phase_or_404(challenge_or_404(db, slug), name)
+            if not phase.private_leaderboard:
+                raise UserError(f"phase '{name}' has no private leaderboard to reveal (its scores are shown already); "
+                                "to close it, set closes_at")
+            if phase.revealed_at is None:
+                phase.revealed_at = time.time()
+                phase.closes_at = min(phase.closes_at or phase.revealed_at, phase.revealed_at)
+            return {"phase": phase.name, **phase_json(phase)}
 
     def rescore(self, request: Request, slug: str, name: str, form: dict[str, Any]) -> int:
         with self.sessions.begin() as db:
@@ -212,6 +234,23 @@ class Portal:
             accounts.set_password(user, str(form.get("new", "")))
 
 
+def accept_code(staging: Path, card: dict[str, Any], *, max_bytes: int) -> bool:
+    """Unpacks the uploaded code of a card naming a `factory` into staging/code; True when there is code."""
+    upload = staging / UPLOAD_FILES["code"]
+    if "factory" not in card:
+        if upload.exists():
+            raise InvalidSubmission(f"code was uploaded, but the card names architecture '{card['architecture']}' "
+                                    "of the portal's registry; name your code's factory instead ('factory': "
+                                    "'module:function') or leave the code out")
+        return False
+    if not upload.exists():
+        raise InvalidSubmission(f"the card names factory '{card['factory']}' but no code was uploaded (the 'code' "
+                                "file: one .py file or a .tar.gz package)")
+    check_code(upload, staging / "code", factory=card["factory"], max_bytes=max_bytes)
+    upload.unlink()
+    return True
+
+
 def challenge_or_404(db, slug: str) -> Challenge:
     challenge = db.scalar(select(Challenge).where(Challenge.slug == slug))
     if challenge is None:
@@ -239,13 +278,59 @@ def require_organiser(user: User) -> None:
         raise HTTPException(403, "only organisers may do this")
 
 
-def board_rows(db, phase: Phase, *, best_only: bool = True, sort: str = "index") -> list[dict[str, Any]]:
-    scored = db.scalars(select(Submission).options(selectinload(Submission.user))
+def board_kind(phase: Phase, viewer: User | None) -> str:
+    """What `viewer` sees of a phase's scores: "exact" (organisers), "hidden" (anyone else, on a private phase
+    before its reveal) or "rounded" (anyone else: the released numbers; docs/portal.md)."""
+    if viewer is not None and viewer.can_organise():
+        return "exact"
+    return "hidden" if phase.private_leaderboard and phase.revealed_at is None else "rounded"
+
+
+def score_view(submission: Submission, viewer: User | None) -> tuple[str, dict[str, Any], str]:
+    """(kind, numbers, note) of a submission as `viewer` may see it (`leaderboard.visible_score`, draws left out);
+    ("none", {}, "") until it is scored."""
+    if submission.status != "scored":
+        return "none", {}, ""
+    phase = submission.phase
+    kind, numbers, note = leaderboard.visible_score(
+        submission.score, json.loads(submission.released_json) if submission.released_json else None,
+        exact=board_kind(phase, viewer) == "exact", private=phase.private_leaderboard,
+        revealed=phase.revealed_at is not None)
+    return kind, {k: v for k, v in numbers.items() if k != "draws"}, note
+
+
+def report_visible(submission: Submission, viewer: User | None) -> bool:
+    """Whether `viewer` may read the evaluator's report, whose numbers are exact: organisers always; participants
+    only where no hidden label can be read out of it (a phase on the public test split published with its labels)
+    or once the phase's private leaderboard is revealed (the phase closed then)."""
+    phase = submission.phase
+    return (board_kind(phase, viewer) == "exact" or phase.revealed_at is not None
+            or (phase.split == "public_test" and phase.challenge.public_test_labels))
+
+
+def board_rows(db, phase: Phase, *, best_only: bool = True, sort: str = "index",
+               viewer: User | None = None) -> list[dict[str, Any]]:
+    """The phase's leaderboard as `viewer` may see it (`board_kind`): organisers rank every entry by its exact score
+    and see what participants are shown of it (`shown`); anyone else ranks the released numbers (an entry the
+    Ladder withheld is left out), or gets the scored entries without any number before a private phase's reveal."""
+    kind = board_kind(phase, viewer)
+    entries, shown = [], {}
+    for s in db.scalars(select(Submission).options(selectinload(Submission.user))
                         .where(Submission.phase_id == phase.id, Submission.status == "scored",
-                               Submission.protocol_version == phase.protocol_version))
-    entries = [{"participant": s.user.name, "name": s.name, "submission": s.public_id, "created_at": s.created_at,
-                "score": s.score} for s in scored]
+                               Submission.protocol_version == phase.protocol_version)):
+        seen, numbers, _ = leaderboard.visible_score(
+            s.score, json.loads(s.released_json) if s.released_json else None, exact=False,
+            private=phase.private_leaderboard, revealed=phase.revealed_at is not None)
+        shown[s.public_id] = seen
+        if kind == "hidden" or kind == "exact" or seen == "rounded":
+            entries.append({"participant": s.user.name, "name": s.name, "submission": s.public_id,
+                            "created_at": s.created_at, "score": s.score if kind == "exact" else numbers})
+    if kind == "hidden":
+        return leaderboard.hidden_rows(entries)
     rows = leaderboard.leaderboard(entries, best_only=best_only)
+    if kind == "exact":
+        for row in rows:
+            row["shown"] = shown[row["submission"]]
     if sort in leaderboard.COMPONENTS and sort != "index":
         rows.sort(key=lambda row: -(row[sort] if row[sort] is not None and not math.isnan(row[sort]) else -1e9))
     return rows
@@ -256,13 +341,15 @@ def public_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "submission"}
 
 
-def submission_json(submission: Submission, *, with_log: bool) -> dict[str, Any]:
-    score = {k: v for k, v in submission.score.items() if k != "draws"}
+def submission_json(submission: Submission, *, with_log: bool, viewer: User | None = None) -> dict[str, Any]:
+    """A submission for the API; its score as `viewer` may see it (`score_view`; without a viewer, as its owner
+    does), `score_shown` saying which ("exact", "rounded", "withheld", "hidden" or "none") and `score_note` why."""
+    kind, score, note = score_view(submission, viewer)
     out = {"id": submission.public_id, "name": submission.name, "challenge": submission.phase.challenge.slug,
            "phase": submission.phase.name, "status": submission.status, "stage": submission.stage,
            "progress": round(submission.progress, 3), "reason": submission.reason,
            "created_at": submission.created_at, "finished_at": submission.finished_at, "score": score,
-           "url": f"/submissions/{submission.public_id}"}
+           "score_shown": kind, "score_note": note, "url": f"/submissions/{submission.public_id}"}
     if with_log and submission.phase.show_logs:
         out["log"] = submission.log
     return out
@@ -273,6 +360,7 @@ def create_app(root: str | Path) -> FastAPI:
     for leftover in portal.root.uploads.iterdir():  # uploads a killed server was receiving
         if leftover.stat().st_mtime < time.time() - 3600:
             shutil.rmtree(leftover, ignore_errors=True)
+    resumable.sweep(portal.sessions, portal.root)  # expired resumable uploads
     app = FastAPI(title=portal.root.settings.title, docs_url="/api/docs", redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.add_middleware(BodyLimit, upload_limit=portal.root.max_upload_bytes, is_upload=is_upload_path)
@@ -292,10 +380,24 @@ def create_app(root: str | Path) -> FastAPI:
     async def http_error(request: Request, error: HTTPException):
         return error_response(request, error.status_code, str(error.detail))
 
+    @app.exception_handler(OperationalError)
+    async def database_unreachable(request: Request, error: OperationalError):
+        response = error_response(request, 503, "the portal's database cannot be reached just now (it may be "
+                                  "restarting); nothing was recorded, try again in a few seconds")
+        response.headers["Retry-After"] = "5"
+        return response
+
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError):
         status = 429 if isinstance(error, submissions.LimitReached) else 422 if isinstance(error, InvalidSubmission) else 400
         return error_response(request, status, str(error))
+
+    @app.exception_handler(UploadRefused)
+    async def upload_refused(request: Request, error: UploadRefused):  # 404 409 413 422 429 507, with the offset
+        if request.url.path.startswith("/api/"):
+            offset = {} if error.offset is None else {"offset": error.offset}
+            return JSONResponse({"error": str(error), **offset}, status_code=error.status, headers=error.headers)
+        return error_response(request, error.status, str(error))
 
     def error_response(request: Request, status: int, message: str) -> Response:
         if request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", ""):
@@ -354,15 +456,18 @@ def create_app(root: str | Path) -> FastAPI:
         with portal.sessions() as db:
             challenge = challenge_or_404(db, slug)
             chosen = phase_or_404(challenge, phase)
-            rows = board_rows(db, chosen, best_only=not all, sort=sort)
+            viewer, _ = portal.identify(db, request)
+            rows = board_rows(db, chosen, best_only=not all, sort=sort, viewer=viewer)
             return portal.page(request, "leaderboard.html", db, challenge=challenge, phase=chosen, rows=rows,
-                               sort=sort, all=all, columns=leaderboard.COMPONENTS, labels=leaderboard.LABELS)
+                               sort=sort, all=all, columns=leaderboard.COMPONENTS, labels=leaderboard.LABELS,
+                               scores=board_kind(chosen, viewer), hidden_note=leaderboard.HIDDEN_NOTE)
 
     @app.get("/challenges/{slug}/leaderboard.csv")
-    def leaderboard_csv(slug: str, phase: str = "final", all: int = 0):
+    def leaderboard_csv(request: Request, slug: str, phase: str = "final", all: int = 0):
         with portal.sessions() as db:
             chosen = phase_or_404(challenge_or_404(db, slug), phase)
-            return PlainTextResponse(leaderboard.to_csv(board_rows(db, chosen, best_only=not all)),
+            viewer, _ = portal.identify(db, request)
+            return PlainTextResponse(leaderboard.to_csv(board_rows(db, chosen, best_only=not all, viewer=viewer)),
                                      media_type="text/csv; charset=utf-8",
                                      headers={"Content-Disposition": f'attachment; filename="{slug}-{phase}.csv"'})
 
@@ -451,6 +556,9 @@ def create_app(root: str | Path) -> FastAPI:
             report = submission_folder(portal.root, submission) / REPORT_HTML
             if submission.status != "scored" or not report.is_file():
                 raise HTTPException(404, "this submission has no report yet")
+            if not report_visible(submission, user):
+                raise HTTPException(403, f"the report's numbers are exact: on phase '{submission.phase.name}' it is "
+                                         "shown once the organisers reveal the leaderboard (docs/portal.md)")
             return FileResponse(report, media_type="text/html; charset=utf-8",
                                 headers={"Content-Security-Policy": "default-src 'none'; img-src data:; "
                                                                     "style-src 'unsafe-inline'"})
@@ -458,8 +566,9 @@ def create_app(root: str | Path) -> FastAPI:
     @app.post("/challenges/{slug}/phases/{name}")
     async def phase_settings(request: Request, slug: str, name: str):
         form = dict(await request.form())
-        changes = {key: form[key] for key in ("daily_limit", "total_limit", "closes_at", "opens_at") if key in form}
-        changes.update({key: key in form for key in ("frozen", "show_logs")})
+        changes = {key: form[key] for key in ("daily_limit", "total_limit", "team_daily_limit", "ladder_step",
+                                              "closes_at", "opens_at") if key in form}
+        changes.update({key: key in form for key in ("frozen", "show_logs", "ladder", "private_leaderboard")})
         await run_in_threadpool(portal.update_phase, request, slug, name, form, changes)
         return RedirectResponse(f"/challenges/{slug}#phases", status_code=303)
 
@@ -467,6 +576,12 @@ def create_app(root: str | Path) -> FastAPI:
     async def rescore_form(request: Request, slug: str, name: str):
         form = dict(await request.form())
         await run_in_threadpool(portal.rescore, request, slug, name, form)
+        return RedirectResponse(f"/challenges/{slug}/leaderboard?phase={name}", status_code=303)
+
+    @app.post("/challenges/{slug}/phases/{name}/reveal")
+    async def reveal_form(request: Request, slug: str, name: str):
+        form = dict(await request.form())
+        await run_in_threadpool(portal.reveal, request, slug, name, form)
         return RedirectResponse(f"/challenges/{slug}/leaderboard?phase={name}", status_code=303)
 
     # ---- JSON API ------------------------------------------------------------------------------
@@ -486,18 +601,20 @@ def create_app(root: str | Path) -> FastAPI:
                     "licence": challenge.licence, "public_test_labels": challenge.public_test_labels,
                     "input": challenge.input, "protocol": {**dataclasses.asdict(evaluate_config(challenge.protocol)), "cohort": "", "encoders": []},
                     "raf_formula": RAF_FORMULA,
-                    "phases": [{"name": p.name, "split": p.split, "open": p.is_open(), "frozen": p.frozen,
-                                "opens_at": p.opens_at, "closes_at": p.closes_at, "daily_limit": p.daily_limit,
-                                "total_limit": p.total_limit, "show_logs": p.show_logs} for p in challenge.phases],
+                    "phases": [{"name": p.name, "split": p.split, "open": p.is_open(), **phase_json(p)}
+                               for p in challenge.phases],
                     "downloads": [{"split": f.split, "name": f.name, "bytes": f.bytes, "sha256": f.sha256,
                                    "url": f"/challenges/{slug}/downloads/{f.split}/{f.name}"} for f in files]}
 
     @app.get("/api/challenges/{slug}/leaderboard")
-    def api_leaderboard(slug: str, phase: str = "final", all: int = 0, sort: str = "index"):
+    def api_leaderboard(request: Request, slug: str, phase: str = "final", all: int = 0, sort: str = "index"):
         with portal.sessions() as db:
             chosen = phase_or_404(challenge_or_404(db, slug), phase)
+            viewer, _ = portal.identify(db, request)
+            rows = board_rows(db, chosen, best_only=not all, sort=sort, viewer=viewer)
             return {"challenge": slug, "phase": phase, "protocol_version": chosen.protocol_version,
-                    "rows": [public_row(row) for row in board_rows(db, chosen, best_only=not all, sort=sort)]}
+                    "scores": board_kind(chosen, viewer), "revealed_at": chosen.revealed_at,
+                    "rows": [public_row(row) for row in rows]}
 
     @app.post("/api/challenges/{slug}/submissions", status_code=201)
     async def api_submit(request: Request, slug: str):
@@ -507,7 +624,7 @@ def create_app(root: str | Path) -> FastAPI:
     def api_submission(request: Request, public_id: str):
         with portal.sessions() as db:
             user, _ = portal.identify(db, request)
-            return submission_json(visible_submission(db, user, public_id), with_log=True)
+            return submission_json(visible_submission(db, user, public_id), with_log=True, viewer=user)
 
     @app.get("/api/me/submissions")
     def api_my_submissions(request: Request):
@@ -515,7 +632,7 @@ def create_app(root: str | Path) -> FastAPI:
             user, _ = portal.identify(db, request)
             if user is None:
                 raise HTTPException(401, "sign in first (or pass an API token)")
-            return [submission_json(s, with_log=False) for s in
+            return [submission_json(s, with_log=False, viewer=user) for s in
                     db.scalars(select(Submission).where(Submission.user_id == user.id).order_by(Submission.id))]
 
     @app.post("/api/challenges/{slug}/phases/{name}")
@@ -526,6 +643,10 @@ def create_app(root: str | Path) -> FastAPI:
     @app.post("/api/challenges/{slug}/phases/{name}/rescore")
     async def api_rescore(request: Request, slug: str, name: str):
         return {"queued": await run_in_threadpool(portal.rescore, request, slug, name, {})}
+
+    @app.post("/api/challenges/{slug}/phases/{name}/reveal")
+    async def api_reveal(request: Request, slug: str, name: str):
+        return await run_in_threadpool(portal.reveal, request, slug, name, {})
 
     @app.post("/api/challenges/{slug}/phases", status_code=201)
     async def api_add_phase(request: Request, slug: str):
@@ -587,6 +708,36 @@ def create_app(root: str | Path) -> FastAPI:
         await run_in_threadpool(portal.change_password, request, form)
         return RedirectResponse("/me", status_code=303)
 
+    # ---- resumable uploads (portal/resumable.py; docs/portal.md "Resumable uploads") -----------------
+    def uploader(request: Request) -> int:
+        with portal.sessions() as db:
+            return portal.require_user(db, request).id
+
+    @app.post(UPLOAD_ROUTE, status_code=201)
+    async def api_new_upload(request: Request):
+        announced = await json_object(request)
+        user_id = await run_in_threadpool(uploader, request)
+        state = await run_in_threadpool(resumable.create_upload, portal.sessions, portal.root, user_id, announced)
+        return JSONResponse(state, status_code=201, headers={**resumable.headers(state), "Location": state["url"]})
+
+    @app.patch(UPLOAD_ROUTE + "/{upload_id}")
+    async def api_upload_chunk(request: Request, upload_id: str):
+        user_id = await run_in_threadpool(uploader, request)
+        state = await resumable.receive_chunk(request, portal.sessions, portal.root, user_id, upload_id)
+        return JSONResponse(state, headers=resumable.headers(state))
+
+    @app.api_route(UPLOAD_ROUTE + "/{upload_id}", methods=["GET", "HEAD"])
+    async def api_upload(request: Request, upload_id: str):
+        user_id = await run_in_threadpool(uploader, request)
+        state = await run_in_threadpool(resumable.upload_state, portal.sessions, portal.root, user_id, upload_id)
+        return JSONResponse(state, headers=resumable.headers(state))
+
+    @app.delete(UPLOAD_ROUTE + "/{upload_id}", status_code=204)
+    async def api_cancel_upload(request: Request, upload_id: str):
+        user_id = await run_in_threadpool(uploader, request)
+        await run_in_threadpool(resumable.cancel_upload, portal.sessions, portal.root, user_id, upload_id)
+        return Response(status_code=204)
+
     # ---- receiving a submission ---------------------------------------------------------------
     async def receive_submission(request: Request, slug: str) -> dict[str, Any]:
         with portal.sessions() as db:  # before reading the body: who, where, and whether they may
@@ -594,11 +745,13 @@ def create_app(root: str | Path) -> FastAPI:
                 raise HTTPException(401, "sign in first (or pass an API token: Authorization: Bearer raf_...)")
             challenge_or_404(db, slug)
         staging = new_folder(portal.root.uploads)
-        fields = await receive_files(request, staging, UPLOAD_FILES)
+        fields = await receive_files(request, staging, UPLOAD_FILES, optional=(*OPTIONAL_FILES, "weights"))
         try:
-            return await run_in_threadpool(portal.accept_submission, request, slug, staging, fields)
+            submission = await run_in_threadpool(portal.accept_submission, request, slug, staging, fields)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        resumable.discard_taken(portal.root, str(fields.get("upload", "")))  # its file is the submission's now
+        return submission
 
     return app
 
@@ -625,20 +778,34 @@ def user_json(user: User) -> dict[str, Any]:
 
 
 PHASE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,31}$")
-PHASE_FIELDS = {"daily_limit": int, "total_limit": int, "frozen": bool, "show_logs": bool, "opens_at": float,
-                "closes_at": float}
+PHASE_FIELDS = {"daily_limit": int, "total_limit": int, "team_daily_limit": int, "frozen": bool, "show_logs": bool,
+                "ladder": bool, "ladder_step": float, "private_leaderboard": bool, "opens_at": "time",
+                "closes_at": "time"}
+
+
+def phase_json(phase: Phase) -> dict[str, Any]:
+    """A phase's settings (PHASE_FIELDS) and when its private leaderboard was revealed."""
+    return {**{key: getattr(phase, key) for key in PHASE_FIELDS}, "revealed_at": phase.revealed_at}
 
 
 def apply_phase_changes(phase: Phase, changes: dict[str, Any]) -> None:
-    """Sets phase settings from strings (a form) or JSON values; times are UNIX seconds or ISO dates."""
+    """Sets phase settings from strings (a form) or JSON values; times are UNIX seconds or ISO dates. A revealed
+    phase cannot open again: its leaderboard shows every entry's score, which new submissions could exploit."""
     for key, value in changes.items():
         if key not in PHASE_FIELDS:
             raise UserError(f"'{key}' is not a phase setting (settings: {', '.join(PHASE_FIELDS)})")
         kind = PHASE_FIELDS[key]
         if kind is bool:
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "on", "yes")
-        elif kind is float:
+        elif kind == "time":
             value = parse_time(value, key)
+        elif kind is float:
+            try:
+                value = float(value or 0)
+            except (TypeError, ValueError):
+                raise UserError(f"{key} must be a number, got {str(value)[:40]!r}") from None
+            if not 0 <= value < math.inf:
+                raise UserError(f"{key} must be 0 (derived from the score's interval) or a positive number")
         else:
             try:
                 value = int(value)
@@ -647,6 +814,9 @@ def apply_phase_changes(phase: Phase, changes: dict[str, Any]) -> None:
             if value < 0:
                 raise UserError(f"{key} must be 0 (no limit) or more")
         setattr(phase, key, value)
+    if phase.revealed_at is not None and (phase.closes_at is None or phase.closes_at > phase.revealed_at):
+        raise UserError(f"phase '{phase.name}' was revealed and closed at {when(phase.revealed_at)}; it cannot open "
+                        "again (add a new phase instead)")
 
 
 def parse_time(value: Any, key: str) -> float | None:

@@ -10,8 +10,12 @@ a private cohort store, datasheets, and the two phases.
 - the public test split is also kept whole, labels included, under ROOT/private for the sanity phase; the hidden
   split only ever exists there, its subjects renamed `case-NNNN` in a seeded shuffled order;
 - each split's datasheet (the build's HTML) is published as a download of split "datasheet";
-- two phases: "sanity" scores on the public test split and shows the worker's log, "final" scores on the hidden
-  split and shows no log.
+- two phases: "sanity" scores on the public test split and shows the worker's log and its scores (rounded to
+  their intervals' precision; with the Ladder when the public test split is published without labels), "final"
+  scores on the hidden split, shows no log and keeps a private leaderboard until the organisers reveal it (Kaggle's
+  private leaderboard: the sanity phase plays the public one), with a per-team daily limit equal to the per-user
+  one (Kaggle: a team submits as one participant) and the Ladder on, which guards the scores should the organisers
+  make the leaderboard public while the phase runs.
 """
 from __future__ import annotations
 
@@ -42,10 +46,12 @@ SPLITS = {"train": "train", "public_test": "public_test", "hidden_test": "hidden
 # no random baseline per submission (the organiser submits one as an entry of its own).
 DEFAULT_PROTOCOL: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "random_baseline": False}
 PHASES = [
-    {"name": "sanity", "split": "public_test", "show_logs": True, "daily_limit": 10,
+    {"name": "sanity", "split": "public_test", "show_logs": True, "daily_limit": 10, "ladder": False,
      "description": "Checks that your encoder runs: scored on the public test split, the worker's log is shown."},
-    {"name": "final", "split": "hidden_test", "show_logs": False, "daily_limit": 2,
-     "description": "Scored on the hidden test split, which never leaves the server; logs are not shown."},
+    {"name": "final", "split": "hidden_test", "show_logs": False, "daily_limit": 2, "team_daily_limit": 2,
+     "ladder": True, "private_leaderboard": True,
+     "description": "Scored on the hidden test split, which never leaves the server; logs are not shown, and "
+                    "scores stay private until the organisers reveal the leaderboard at the end."},
 ]
 
 
@@ -133,8 +139,8 @@ def add_challenge(root: PortalRoot, db: Session, build_dir: str | Path, *, slug:
     first = hidden.subject_ids()[0]
     attrs = hidden.subject_attrs(first)
     challenge.input_json = json.dumps({"channels": attrs["channels"], "shape": attrs["shape"]})
-    for phase in PHASES:
-        db.add(Phase(challenge_id=challenge.id, **phase))
+    for phase in PHASES:  # public test labels kept hidden are hidden labels too: the Ladder guards them
+        db.add(Phase(challenge_id=challenge.id, **{**phase, "ladder": phase["ladder"] or not public_test_labels}))
     db.flush()
     return challenge
 

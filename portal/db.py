@@ -14,7 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -111,6 +111,11 @@ class Phase(Base):
     show_logs: Mapped[bool] = mapped_column(Boolean, default=False)
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     protocol_version: Mapped[int] = mapped_column(Integer, default=1)
+    team_daily_limit: Mapped[int] = mapped_column(Integer, default=0)  # per team and day; 0: no team limit
+    ladder: Mapped[bool] = mapped_column(Boolean, default=False)  # release a score only when it beats one's best
+    ladder_step: Mapped[float] = mapped_column(Float, default=0.0)  # the Ladder's margin; 0: from the interval
+    private_leaderboard: Mapped[bool] = mapped_column(Boolean, default=False)  # scores hidden until revealed
+    revealed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     challenge: Mapped[Challenge] = relationship(back_populates="phases")
 
     def is_open(self, now: float | None = None) -> bool:
@@ -130,8 +135,25 @@ class Download(Base):
     split: Mapped[str] = mapped_column(String(32))
     name: Mapped[str] = mapped_column(String(128))
     relative_path: Mapped[str] = mapped_column(String(400))  # under ROOT/public
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class Upload(Base):
+    """A resumable upload in progress: its bytes are appended in chunks to ROOT/uploads/<public_id>.part."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(128))
+    size: Mapped[int] = mapped_column(BigInteger)  # announced at creation
+    received: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")  # announced; checked when complete
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+    user: Mapped[User] = relationship()
 
 
 class Submission(Base):
@@ -144,7 +166,8 @@ class Submission(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id"), index=True)
     name: Mapped[str] = mapped_column(String(100))
-    architecture: Mapped[str] = mapped_column(String(64), default="")
+    architecture: Mapped[str] = mapped_column(String(64), default="")  # or the factory of uploaded code
+    runs_code: Mapped[bool] = mapped_column(Boolean, default=False)  # carries its own code: embeds in the sandbox
     folder: Mapped[str] = mapped_column(String(64))  # under ROOT/submissions
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -158,6 +181,8 @@ class Submission(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     protocol_version: Mapped[int] = mapped_column(Integer, default=0)  # the phase protocol its score is for
     score_json: Mapped[str] = mapped_column(Text, default="")  # leaderboard numbers and bootstrap draws
+    released_json: Mapped[str] = mapped_column(Text, default="")  # what participants see (rounded, Ladder)
+    external_job: Mapped[str] = mapped_column(String(64), default="")  # the SLURM job scoring it, if any
     log: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[User] = relationship()
     phase: Mapped[Phase] = relationship()

@@ -13,25 +13,34 @@ with every per-subject value removed (`redact`): aggregates only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from sqlalchemy.exc import OperationalError
+
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import atomic_write_text, write_json
+from rafmedia.core.files import atomic_write_text, sha256_file, write_json
 from rafmedia.evaluate.cache import EmbeddingCache
+from rafmedia.evaluate.config import EvaluateConfig
+from rafmedia.evaluate.encoder_entries import EncoderEntry, Replicate
 from rafmedia.evaluate.report import render_html
 from rafmedia.evaluate.results import ResultsStore
 from rafmedia.evaluate.runner import run_evaluation
 from rafmedia.portal import submissions
 from rafmedia.portal.challenges import evaluate_config, scoring_store
 from rafmedia.portal.db import Submission, open_database
+from rafmedia.portal.sandbox import Sandbox, SandboxedEncoder, SandboxLimits, detect
 from rafmedia.portal.settings import PortalRoot
 
 REPORT_HTML = "report.html"
@@ -96,10 +105,28 @@ class Heartbeat(threading.Thread):
         return min(0.95, 0.9 * batches / self.expected)
 
     def renew(self) -> bool:
-        """Extends the lease and records stage and progress; False (and `lost`) once another worker holds it."""
-        self.lost = self.lost or not submissions.renew(self.sessions, self.submission_id, self.token,
-                                                       lease_s=self.lease_s, stage=self.stage,
-                                                       progress=self.progress())
+        """Extends the lease and records stage and progress; False (and `lost`) once another worker holds it.
+
+        The lease is lost only when the UPDATE matched no row. A database that cannot be reached (restarting, a
+        network blip) is tried again with a short back-off for up to a third of the lease, then left to the next
+        beat; each failed try is logged on the worker's own stderr (not in the submission's log).
+        """
+        pause, give_up = 0.25, time.monotonic() + self.lease_s / 3
+        while not self.lost:
+            try:
+                self.lost = not submissions.renew(self.sessions, self.submission_id, self.token,
+                                                  lease_s=self.lease_s, stage=self.stage, progress=self.progress())
+            except OperationalError as error:
+                again = time.monotonic() + pause < give_up
+                print(f"worker: the lease of submission {self.submission_id} was not renewed, the database is "
+                      f"unreachable ({str(error.orig or error).strip().partition(chr(10))[0]}); "
+                      + (f"trying again in {pause:.2f} s" if again else "trying again at the next beat"),
+                      file=sys.__stderr__, flush=True)
+                if not again or self.stopped.wait(pause):
+                    break
+                pause = min(2 * pause, 2.0)
+            else:
+                break
         return not self.lost
 
     def set_stage(self, stage: str) -> None:
@@ -112,6 +139,34 @@ class Heartbeat(threading.Thread):
             pass
 
 
+@contextlib.contextmanager
+def sandboxed_entries(root: PortalRoot, folder: Path, config, input_spec: dict[str, Any], *, show_logs: bool,
+                      output: io.StringIO, enabled: bool):
+    """For a submission with its own code: the evaluator's entry whose model embeds in a sandbox (started here,
+    stopped on leaving); None for an encoder of the registry (the evaluator loads it itself)."""
+    if not enabled:
+        yield None
+        return
+    sandbox = Sandbox(folder, folder / "work" / "sandbox", SandboxLimits.from_settings(root.settings), detect(),
+                      show_details=show_logs)
+    try:
+        with sandbox:
+            sandbox.start(np.zeros((1, len(input_spec["channels"]), *input_spec["shape"]), np.float32))
+            model = SandboxedEncoder(sandbox)
+            yield [EncoderEntry(name=folder.name, source=folder.name, digest=submission_digest(folder),
+                                replicates=[Replicate(seed, model) for seed in config.seeds])]
+    finally:
+        if show_logs:
+            output.write(sandbox.log())
+
+
+def submission_digest(folder: Path) -> str:
+    """The weights, card and code of a submission in one SHA-256 (its embeddings' cache key)."""
+    files = [folder / "encoder.safetensors", folder / "encoder.card.json", *sorted((folder / "code").rglob("*"))]
+    lines = [f"{path.relative_to(folder)} {sha256_file(path)}" for path in files if path.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def score_submission(root: PortalRoot, sessions, submission_id: int, token: str, *, log) -> bool:
     """Scores one claimed submission; True when its score was recorded by this worker."""
     with sessions() as db:
@@ -120,7 +175,8 @@ def score_submission(root: PortalRoot, sessions, submission_id: int, token: str,
         folder = submission_folder(root, submission)
         config = evaluate_config(phase.challenge.protocol)
         store = scoring_store(root, phase)
-        name, show_logs = submission.name, phase.show_logs
+        name, show_logs, runs_code = submission.name, phase.show_logs, submission.runs_code
+        input_spec = phase.challenge.input
     config.cohort = str(store.path)
     config.encoders = [str(folder / "encoder.safetensors")]
     work = folder / "work"
@@ -133,8 +189,10 @@ def score_submission(root: PortalRoot, sessions, submission_id: int, token: str,
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             beat.set_stage("embedding and probing")
-            report = run_evaluation(config, progress=False, results=ResultsStore(work / "results.sqlite"),
-                                    cache=EmbeddingCache(work / "embeddings.zarr"))
+            with sandboxed_entries(root, folder, config, input_spec, show_logs=show_logs, output=output,
+                                   enabled=runs_code) as entries:
+                report = run_evaluation(config, progress=False, results=ResultsStore(work / "results.sqlite"),
+                                        cache=EmbeddingCache(work / "embeddings.zarr"), entries=entries)
             beat.set_stage("writing the report")
             result = next(iter(report["encoders"].values()))
             public = redact(report, subject_ids=store.subject_ids(), display_name=name)
@@ -162,17 +220,42 @@ def _log(output: io.StringIO, show: bool) -> str:
     return output.getvalue()[-LOG_LIMIT:] if show else ""
 
 
-def run_worker(root: str | Path, *, once: bool = False, poll_s: float = 2.0, name: str = "", log=print) -> int:
+def run_worker(root: str | Path, *, once: bool = False, poll_s: float = 2.0, name: str = "", log=print,
+               patience_s: float = 600.0) -> int:
     """Scores submissions until stopped (Ctrl-C / SIGTERM), or until the queue is empty with `once`; returns how
-    many it scored."""
+    many it scored.
+
+    A database that cannot be reached (restarting, failing over, a network blip) stops nothing: the claim, or the
+    scoring of the submission this worker holds, is tried again after a pause growing from 0.5 to 30 s, each try
+    logged. The submission keeps its lease token meanwhile, so scoring it again resumes from its cache without a
+    new claim (and records nothing if another worker took it over). With `once`, a database unreachable for
+    `patience_s` seconds ends the worker with a UserError.
+    """
     root = PortalRoot(root)
     sessions = open_database(root.database_url)
     worker = name or f"{socket.gethostname()}-{os.getpid()}"
     log(f"worker {worker}: scoring submissions of {root.path} (lease {root.settings.lease_seconds:.0f} s)")
-    done = 0
+    done, down_since, pause = 0, 0.0, 0.0
+
+    def wait_for_database(error: OperationalError, doing: str) -> None:
+        nonlocal down_since, pause
+        down_since = down_since or time.monotonic()
+        reason = str(error.orig or error).strip().partition("\n")[0]
+        if once and time.monotonic() - down_since > patience_s:
+            raise UserError(f"the database of {root.path} was unreachable for {patience_s:.0f} s ({reason}); "
+                            "check that it runs and that database_url in portal.yaml names it") from None
+        pause = min(max(2 * pause, 0.5), 30.0)
+        log(f"worker {worker}: the database is unreachable while {doing} ({reason}); trying again in {pause:.1f} s")
+        time.sleep(pause)
+
     while True:
-        claimed = submissions.claim(sessions, worker, lease_s=root.settings.lease_seconds,
-                                    max_attempts=root.settings.max_attempts)
+        try:
+            claimed = submissions.claim(sessions, worker, lease_s=root.settings.lease_seconds,
+                                        max_attempts=root.settings.max_attempts)
+        except OperationalError as error:
+            wait_for_database(error, "claiming a submission")
+            continue
+        down_since, pause = 0.0, 0.0
         if claimed is None:
             if once:
                 return done
@@ -181,6 +264,79 @@ def run_worker(root: str | Path, *, once: bool = False, poll_s: float = 2.0, nam
         submission_id, token = claimed
         log(f"worker {worker}: scoring submission {submission_id}")
         began = time.perf_counter()
-        if score_submission(root, sessions, submission_id, token, log=log):
-            done += 1
+        while True:
+            try:
+                recorded = score_submission(root, sessions, submission_id, token, log=log)
+                break
+            except OperationalError as error:
+                wait_for_database(error, f"scoring submission {submission_id} (scored again under the same lease)")
+        down_since, pause = 0.0, 0.0
+        done += recorded
         log(f"worker {worker}: submission {submission_id} done in {time.perf_counter() - began:.1f} s")
+
+
+# Scoring elsewhere (`raf portal worker --slurm`, rafmedia.launch.portal_cluster): the evaluation runs in a job that
+# writes the submission's work folder; the worker that holds the lease reads the plan here and publishes here.
+
+
+@dataclass
+class ScoringPlan:
+    """What scoring one submission needs (`scoring_plan`): its folder, the phase's protocol filled in with the
+    private split and the encoder, and what the worker records about it."""
+
+    folder: Path  # ROOT/submissions/<folder>: the upload and the published report
+    config: EvaluateConfig  # the phase's protocol; cohort: the phase's private store; encoders: the upload
+    name: str  # the entry's name on the leaderboard
+    show_logs: bool
+    public_id: str
+    protocol_version: int
+    external_job: str  # the job scoring it, recorded by `record_external_job`
+    runs_code: bool  # carries its own code: scored in the sandbox (`score_submission`), never elsewhere
+
+    @property
+    def work(self) -> Path:
+        """Results store, embedding cache and any scoring job's outputs."""
+        return self.folder / "work"
+
+
+def scoring_plan(root: PortalRoot, sessions, submission_id: int) -> ScoringPlan:
+    """The plan of one submission, read from the database."""
+    with sessions() as db:
+        submission = db.get(Submission, submission_id)
+        phase = submission.phase
+        folder = submission_folder(root, submission)
+        config = evaluate_config(phase.challenge.protocol)
+        config.cohort = str(scoring_store(root, phase).path)
+        config.encoders = [str(folder / "encoder.safetensors")]
+        return ScoringPlan(folder=folder, config=config, name=submission.name, show_logs=phase.show_logs,
+                           public_id=submission.public_id, protocol_version=submission.protocol_version,
+                           external_job=submission.external_job or "", runs_code=bool(submission.runs_code))
+
+
+def record_external_job(sessions, submission_id: int, token: str, job: str) -> bool:
+    """Records the job scoring a claimed submission (`Submission.external_job`); False when this worker no longer
+    holds the lease."""
+    with sessions.begin() as db:
+        return db.query(Submission).filter(Submission.id == submission_id, Submission.lease_owner == token,
+                                           Submission.status == "running").update({"external_job": job[:64]}) == 1
+
+
+def publish_score(root: PortalRoot, sessions, submission_id: int, token: str, *, report: dict[str, Any],
+                  log: str) -> bool:
+    """Publishes a finished evaluation of a claimed submission as `score_submission` does: the redacted report
+    (JSON and HTML) in its folder, the leaderboard numbers of its entry (the report's first) in the database.
+    True when recorded; False when the lease went to another worker, or when the report could not be published
+    (the submission is then failed with the reason)."""
+    with sessions() as db:
+        submission = db.get(Submission, submission_id)
+        folder, name = submission_folder(root, submission), submission.name
+        subject_ids = scoring_store(root, submission.phase).subject_ids()
+    try:
+        result = next(iter(report["encoders"].values()))
+        public = redact(report, subject_ids=subject_ids, display_name=name)
+        write_json(folder / REPORT_JSON, public)
+        atomic_write_text(folder / REPORT_HTML, render_html(public))
+    except Exception as error:  # a report the evaluator should not have written: fail it, keep serving
+        return submissions.fail(sessions, submission_id, token, log=log,
+                                reason=f"scoring failed: {type(error).__name__}: {error}"[:500])
+    return submissions.finish(sessions, submission_id, token, score=leaderboard_score(result), log=log)

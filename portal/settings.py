@@ -38,6 +38,17 @@ class PortalSettings:
     max_attempts: int = 3  # a submission whose worker died this often is failed, not retried again
     session_hours: float = 12.0
     secure_cookies: bool = False  # True behind HTTPS: cookies get the Secure flag
+    # uploaded code runs in a bubblewrap sandbox under these limits (docs/portal-security.md)
+    sandbox_wall_seconds: float = 900.0  # time the scorer waits on the code in all (building it, every batch)
+    sandbox_cpu_seconds: float = 1800.0
+    sandbox_memory_mb: float = 4096.0
+    sandbox_processes: int = 256  # processes and threads together
+    sandbox_output_mb: float = 256.0  # every file it writes, its log included
+    max_code_kb: float = 1024.0  # the uploaded source: one .py file or a .tar.gz package
+    # resumable uploads (POST/PATCH /api/uploads, docs/portal.md "Resumable uploads"); max_upload_mb caps the file
+    upload_chunk_mb: float = 64.0  # the largest chunk one PATCH may carry (the client sends 8 MB)
+    upload_expiry_hours: float = 24.0  # an upload without a new chunk for this long is removed
+    uploads_per_user: int = 4  # unfinished uploads one participant may hold at once
 
 
 class PortalRoot:

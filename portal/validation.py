@@ -10,12 +10,19 @@ In order, stopping at the first problem:
    the header's, so a card cannot make the server allocate a model larger than the upload;
 4. the weights load into the architecture, every key matching (`load_weights`);
 5. one forward pass on a dummy volume of the challenge's channels and shape returns (1, embed_dim) finite values.
+
+A card may instead name a `factory` ("module:function") of the participant's own code, uploaded with it as one
+`.py` file or a `.tar.gz` package (`check_code`). Steps 3-5 then run in the sandbox at scoring time
+(portal/sandbox.py): the web server never imports uploaded code.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,9 @@ MAX_CARD_BYTES = 64 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 PICKLE_SIGNS = {b"\x80": "a Python pickle (torch.save of PyTorch < 1.6 or pickle.dump)",
                 b"PK\x03\x04": "a zip archive (torch.save writes a zipped pickle: .pt, .pth, .ckpt)"}
+FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_CODE_FILES = 200
 HOW_TO_EXPORT = ("export it with `raf pretrain` (encoder.safetensors + encoder.card.json), or with "
                  "safetensors.torch.save_file(model.state_dict(), 'encoder.safetensors')")
 
@@ -117,20 +127,27 @@ def check_card(card_file: str | Path) -> dict[str, Any]:
     if not isinstance(card, dict) or card.get("format") != ENCODER_FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise InvalidSubmission(f"the card's format is {found!r}, not {ENCODER_FORMAT!r}")
+    options = card.get("options", {})
+    if not isinstance(options, dict):
+        raise InvalidSubmission("the card's options must be a JSON object")
+    if not all(_plain(value) for value in options.values()):
+        raise InvalidSubmission("every option must be a number, string, boolean or a short list of them")
+    if "factory" in card:
+        factory = card["factory"]
+        if not isinstance(factory, str) or not FACTORY.match(factory) or len(factory) > 200:
+            raise InvalidSubmission(f"the card's factory {str(factory)[:200]!r} is not 'module:function' (for "
+                                    "example 'my_encoder:build', a function of the uploaded code)")
+        return card
     architecture = card.get("architecture")
     if not isinstance(architecture, str) or architecture not in ENCODERS:
         raise InvalidSubmission(f"architecture {architecture!r} is not one the portal knows;"
                                 f"{did_you_mean(str(architecture), ENCODERS.names())} (known: "
-                                f"{', '.join(ENCODERS.names())})")
-    options = card.get("options", {})
-    if not isinstance(options, dict):
-        raise InvalidSubmission("the card's options must be a JSON object")
-    for key, value in options.items():
+                                f"{', '.join(ENCODERS.names())}); to submit an encoder of your own code, upload "
+                                "the code and name its factory in the card ('factory': 'module:function')")
+    for key in options:
         if not ENCODERS.accepts(architecture, key):
             raise InvalidSubmission(f"option '{key}' is not an option of architecture '{architecture}' "
                                     f"(options: {', '.join(sorted(ENCODERS.options(architecture) or []))})")
-        if not _plain(value):
-            raise InvalidSubmission(f"option '{key}' must be a number, string, boolean or a short list of them")
     return card
 
 
@@ -141,9 +158,12 @@ def _plain(value: Any, depth: int = 0) -> bool:
 
 
 def check_encoder(weights: str | Path, card_file: str | Path, *, channels: int, shape: list[int]) -> dict[str, Any]:
-    """Runs every check of the module docstring; returns the card. Raises `InvalidSubmission`."""
+    """Runs every check of the module docstring; returns the card. Raises `InvalidSubmission`. For a card naming
+    the participant's own factory only the weights' format and the card are checked here."""
     tensors = read_safetensors_header(weights)
     card = check_card(card_file)
+    if "factory" in card:
+        return card
     architecture, options = card["architecture"], card.get("options", {})
     try:
         with torch.device("meta"):
@@ -173,3 +193,71 @@ def check_encoder(weights: str | Path, card_file: str | Path, *, channels: int, 
         raise InvalidSubmission(f"a forward pass on one volume returned shape {tuple(out.shape)} (expected "
                                 f"(1, {embed_dim})) or values that are not finite")
     return card
+
+
+def check_code(upload: str | Path, folder: str | Path, *, factory: str, max_bytes: int) -> int:
+    """Unpacks the participant's code into `folder` after checking it; returns its number of files.
+
+    One `.py` file (UTF-8) becomes `folder/<module>.py` for the factory's module; a `.tar.gz` may hold only
+    regular files and folders with plain relative names (no links, devices, absolute paths or `..`), at most
+    `MAX_CODE_FILES` of them and `max_bytes` in all once unpacked. The factory's module must be among them. Nothing
+    is imported or compiled here."""
+    upload, folder = Path(upload), Path(folder)
+    size = upload.stat().st_size
+    if size > max_bytes:
+        raise InvalidSubmission(f"the code is {size / 1024:.0f} KB; the limit is {max_bytes // 1024} KB")
+    module = factory.split(":")[0]
+    with open(upload, "rb") as handle:
+        head = handle.read(2)
+    folder.mkdir()
+    if head == GZIP_MAGIC:
+        count = _unpack_package(upload, folder, max_bytes)
+    else:
+        try:
+            source = upload.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidSubmission("the code is neither a UTF-8 Python file nor a .tar.gz package") from None
+        if "." in module:
+            raise InvalidSubmission(f"the factory's module '{module}' is in a package: upload the package as a "
+                                    ".tar.gz (tar czf code.tar.gz PACKAGE/)")
+        (folder / f"{module}.py").write_text(source, encoding="utf-8")
+        count = 1
+    base = folder.joinpath(*module.split("."))
+    if not (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()):
+        raise InvalidSubmission(f"the factory's module '{module}' is not in the uploaded code (expected "
+                                f"{'/'.join(module.split('.'))}.py or {'/'.join(module.split('.'))}/__init__.py)")
+    return count
+
+
+def _unpack_package(upload: Path, folder: Path, max_bytes: int) -> int:
+    try:
+        archive = tarfile.open(upload, "r:gz")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise InvalidSubmission(f"the code package is not a readable .tar.gz ({error})") from None
+    with archive:
+        total, members = 0, []
+        try:
+            for member in archive:
+                if len(members) >= MAX_CODE_FILES:
+                    raise InvalidSubmission(f"the code package holds more than {MAX_CODE_FILES} entries")
+                parts = member.name.split("/")
+                if (member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir())
+                        or not all(re.fullmatch(r"[\w.\-]{1,100}", part) for part in parts if part not in ("", "."))):
+                    raise InvalidSubmission(f"the code package's entry '{member.name[:200]}' is not allowed (only "
+                                            "regular files and folders with plain relative names)")
+                total += member.size
+                if total > max_bytes:
+                    raise InvalidSubmission(f"the code package unpacks to more than {max_bytes // 1024} KB")
+                members.append(member)
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            raise InvalidSubmission(f"the code package is damaged ({error})") from None
+        for member in members:
+            target = folder / member.name
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = archive.extractfile(member)
+            target.write_bytes(source.read(max_bytes + 1) if source is not None else b"")
+    return sum(1 for member in members if member.isfile())
+

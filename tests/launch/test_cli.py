@@ -38,12 +38,27 @@ def raf(*args, cwd=None):
     (["submit", "ingest", "tiny", "--input", "x.csv", "--cohort", "s"], "raf submit ingest does not take --cohort"),
     (["submit", "ingest", "tiny", "--input", "/no/such.csv"], "--input /no/such.csv does not exist"),
 ])
-def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path):
+def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
+    """In-process through `main`, which the `raf` console script calls (a real process: the test below)."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as stopped:  # argparse's usage errors
+        code = stopped.code
+    stderr = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [(["sinth"], "did you mean 'synth'"),
+                                           (["report", "/no/such/folder"], "report.json not found")])
+def test_user_errors_of_the_real_command_exit_2_with_one_line(args, message, tmp_path):
     result = raf(*args, cwd=tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert message in lines[0]
+    assert len(lines) == 1 and "Traceback" not in result.stderr and message in lines[0]
 
 
 def _leaf_commands(parser=None, prefix=()):

@@ -7,10 +7,8 @@ from the internet. Nothing here skips a test; a missing browser raises, and the 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +16,11 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
+from tests.portal.apt import ensure_installed
+
 WINDOW_WIDTH, WINDOW_HEIGHT = 1400, 1800
 MAX_SCREENSHOT_HEIGHT = 8000
 PAGE_LOAD_TIMEOUT = 60
-LOCK = Path("/tmp/rafmedia-chromium.lock")   # parallel pytest processes take turns at apt
-APT_LOG = Path("/tmp/rafmedia-chromium-apt.log")
 PACKAGES = ["chromium", "chromium-driver"]
 
 _found: tuple[str, str] | None = None
@@ -35,42 +33,12 @@ def _find() -> tuple[str, str] | None:
     return (paths[0], paths[1]) if all(paths) else None
 
 
-def _apt_install() -> None:
-    """`apt-get update` then install chromium and chromium-driver; the output goes to APT_LOG."""
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with APT_LOG.open("w") as log:
-        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=600).returncode:
-                raise RuntimeError(f"`{' '.join(command)}` failed; see {APT_LOG}")
-
-
 def ensure_chromium() -> tuple[str, str]:
-    """Return (chromium path, chromedriver path), installing both with apt when either is missing and we are root.
-
-    The answer is cached for the process, and a file lock under /tmp keeps parallel pytest processes from running
-    apt at the same time (the second one finds the binaries the first installed). Not root and missing: RuntimeError
-    saying what to install.
-    """
+    """Return (chromium path, chromedriver path), installing both with apt when either is missing and we are root
+    (tests/portal/apt.py); cached for the process."""
     global _found
     if _found is None:
-        _found = _find()
-    if _found is not None:
-        return _found
-    with LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _found = _find()   # another process may have installed them while we waited for the lock
-            if _found is None:
-                if os.geteuid() != 0:
-                    raise RuntimeError("chromium and chromedriver not found; as root run: "
-                                       f"apt-get install -y {' '.join(PACKAGES)}")
-                _apt_install()
-                _found = _find()
-                if _found is None:
-                    raise RuntimeError(f"apt installed {' '.join(PACKAGES)} but chromium or chromedriver is still "
-                                       f"missing; see {APT_LOG}")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        _found = ensure_installed(PACKAGES, _find)
     return _found
 
 

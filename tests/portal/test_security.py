@@ -103,17 +103,22 @@ def test_no_page_or_api_answer_reveals_the_hidden_split(site, scored):
         pages = ["/", "/challenges/synth-raf", "/challenges/synth-raf/leaderboard?phase=final&all=1",
                  "/challenges/synth-raf/leaderboard.csv?phase=final&all=1", "/api/challenges/synth-raf",
                  "/api/challenges/synth-raf/leaderboard?phase=final&all=1", f"/submissions/{scored['alice']}",
-                 f"/submissions/{scored['alice']}/report", f"/api/submissions/{scored['alice']}",
-                 "/api/me/submissions", "/challenges/synth-raf/datasheets/hidden_test"]
+                 f"/api/submissions/{scored['alice']}", "/api/me/submissions",
+                 "/challenges/synth-raf/datasheets/hidden_test"]
         for page in pages:
             response = client.get(page)
             assert response.status_code == 200, (page, response.status_code)
             leaked = [secret for secret in secrets if secret in response.text]
             assert not leaked, (page, leaked[:3])
-        report = client.get(f"/submissions/{scored['alice']}/report").text
-        assert "RAF" in report and "projection" not in report.lower()
+        # the evaluator's report holds exact numbers: participants do not get it on a hidden-label phase
+        assert client.get(f"/submissions/{scored['alice']}/report").status_code == 403
         api = client.get(f"/api/submissions/{scored['alice']}").json()
-        assert "draws" not in api["score"] and "log" not in api  # the final phase shows no log
+        assert "draws" not in json.dumps(api) and "log" not in api  # the final phase shows no log
+    with site.client("org") as client:
+        report = client.get(f"/submissions/{scored['alice']}/report")
+        assert report.status_code == 200
+        assert "RAF" in report.text and "projection" not in report.text.lower()
+        assert not [secret for secret in secrets if secret in report.text]
 
 
 def test_report_json_on_disk_holds_aggregates_only(site, scored):
@@ -148,7 +153,7 @@ def test_every_route_against_every_role_and_another_participants_objects(site, s
     cases = [
         ("GET", f"/api/submissions/{bob}", {None: 404, "alice": 404, "mallory": 404, "bob": 200, "org": 200, "admin": 200}),
         ("GET", f"/submissions/{bob}", {None: 404, "alice": 404, "bob": 200, "org": 200}),
-        ("GET", f"/submissions/{bob}/report", {None: 404, "alice": 404, "bob": 200, "admin": 200}),
+        ("GET", f"/submissions/{bob}/report", {None: 404, "alice": 404, "bob": 403, "admin": 200}),
         ("GET", "/api/submissions/000000000000000000000000", {"alice": 404, "org": 404}),
         ("GET", "/api/me/submissions", {None: 401, "alice": 200}),
         ("POST", "/api/challenges/synth-raf/phases/sanity", {None: 401, "alice": 403, "bob": 403, "org": 200, "admin": 200}),
