@@ -22,8 +22,10 @@ $(STAMP): setup.py constraints.txt
 quickstart: venv
 	$(VENV)/bin/raf quickstart --out runs/quickstart
 
+# Two pytest workers (pytest-xdist) share the 2 cores of CI; tests/conftest.py keeps the tests that share one
+# server (the portal's, the one-node SLURM) in one worker.
 test: venv
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests
 
 benchmarks: venv
 	@$(PIP_INSTALL) -e ".[bench]" 2>&1 | sed '/is ignored: it is neither/d'

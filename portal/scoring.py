@@ -168,51 +168,37 @@ def submission_digest(folder: Path) -> str:
 
 
 def score_submission(root: PortalRoot, sessions, submission_id: int, token: str, *, log) -> bool:
-    """Scores one claimed submission; True when its score was recorded by this worker."""
-    with sessions() as db:
-        submission = db.get(Submission, submission_id)
-        phase = submission.phase
-        folder = submission_folder(root, submission)
-        config = evaluate_config(phase.challenge.protocol)
-        store = scoring_store(root, phase)
-        name, show_logs, runs_code = submission.name, phase.show_logs, submission.runs_code
-        input_spec = phase.challenge.input
-    config.cohort = str(store.path)
-    config.encoders = [str(folder / "encoder.safetensors")]
-    work = folder / "work"
-    work.mkdir(exist_ok=True)
-    expected = 1 + len(config.alterations) * len(config.severities)
+    """Scores one claimed submission in this process (its own code in the sandbox); True when its score was
+    recorded by this worker."""
+    plan = scoring_plan(root, sessions, submission_id)
+    plan.work.mkdir(exist_ok=True)
+    expected = 1 + len(plan.config.alterations) * len(plan.config.severities)
     beat = Heartbeat(sessions, submission_id, token, lease_s=root.settings.lease_seconds,
-                     cache=work / "embeddings.zarr", expected=expected)
+                     cache=plan.work / "embeddings.zarr", expected=expected)
     beat.start()
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
             beat.set_stage("embedding and probing")
-            with sandboxed_entries(root, folder, config, input_spec, show_logs=show_logs, output=output,
-                                   enabled=runs_code) as entries:
-                report = run_evaluation(config, progress=False, results=ResultsStore(work / "results.sqlite"),
-                                        cache=EmbeddingCache(work / "embeddings.zarr"), entries=entries)
+            with sandboxed_entries(root, plan.folder, plan.config, plan.input_spec, show_logs=plan.show_logs,
+                                   output=output, enabled=plan.runs_code) as entries:
+                report = run_evaluation(plan.config, progress=False, results=ResultsStore(plan.work / "results.sqlite"),
+                                        cache=EmbeddingCache(plan.work / "embeddings.zarr"), entries=entries)
             beat.set_stage("writing the report")
-            result = next(iter(report["encoders"].values()))
-            public = redact(report, subject_ids=store.subject_ids(), display_name=name)
-            write_json(folder / REPORT_JSON, public)
-            atomic_write_text(folder / REPORT_HTML, render_html(public))
     except UserError as error:
         beat.stopped.set()
-        return submissions.fail(sessions, submission_id, token, reason=str(error),
-                                log=_log(output, show_logs))
+        return submissions.fail(sessions, submission_id, token, reason=str(error), log=_log(output, plan.show_logs))
     except Exception as error:  # the participant's model failing inside the evaluator: report, keep serving
         beat.stopped.set()
         log(traceback.format_exc())
-        return submissions.fail(sessions, submission_id, token, log=_log(output, show_logs),
+        return submissions.fail(sessions, submission_id, token, log=_log(output, plan.show_logs),
                                 reason=f"scoring failed: {type(error).__name__}: {error}"[:500])
     finally:
         beat.stopped.set()
-    recorded = submissions.finish(sessions, submission_id, token, score=leaderboard_score(result),
-                                  log=_log(output, show_logs))
+    recorded = publish_score(root, sessions, submission_id, token, report=report, log=_log(output, plan.show_logs))
     if not recorded:
-        log(f"submission {submission_id}: the lease went to another worker; this worker's score is discarded")
+        log(f"submission {submission_id}: no score recorded (the lease went to another worker, or the report "
+            "could not be published; the submission's reason says which)")
     return recorded
 
 
@@ -292,6 +278,7 @@ class ScoringPlan:
     protocol_version: int
     external_job: str  # the job scoring it, recorded by `record_external_job`
     runs_code: bool  # carries its own code: scored in the sandbox (`score_submission`), never elsewhere
+    input_spec: dict[str, Any]  # the challenge's channels and volume shape (the sandbox's dummy pass)
 
     @property
     def work(self) -> Path:
@@ -310,7 +297,8 @@ def scoring_plan(root: PortalRoot, sessions, submission_id: int) -> ScoringPlan:
         config.encoders = [str(folder / "encoder.safetensors")]
         return ScoringPlan(folder=folder, config=config, name=submission.name, show_logs=phase.show_logs,
                            public_id=submission.public_id, protocol_version=submission.protocol_version,
-                           external_job=submission.external_job or "", runs_code=bool(submission.runs_code))
+                           external_job=submission.external_job or "", runs_code=bool(submission.runs_code),
+                           input_spec=phase.challenge.input)
 
 
 def record_external_job(sessions, submission_id: int, token: str, job: str) -> bool:
