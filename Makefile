@@ -22,10 +22,21 @@ $(STAMP): setup.py constraints.txt
 quickstart: venv
 	$(VENV)/bin/raf quickstart --out runs/quickstart
 
-# Two pytest workers (pytest-xdist) share the 2 cores of CI; tests/conftest.py keeps the tests that share one
-# server (the portal's, the one-node SLURM) in one worker.
+# Two pytest processes share the 2 cores of CI, split at a seam: the tests that start servers and launchers
+# (tests/portal: the portal, PostgreSQL, bubblewrap; tests/launch: torchrun, mpirun, DeepSpeed, the one-node SLURM,
+# which the portal's cluster tests use too) and the rest. Each writes its log to .test-logs/; both are shown.
+TEST_SERVERS = tests/portal tests/launch
+
 test: venv
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests
+	@rm -rf .test-logs && mkdir -p .test-logs
+	@echo "pytest: $(TEST_SERVERS) | the rest, in two processes (logs: .test-logs/servers.log, .test-logs/rest.log)"
+	@$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp=/tmp/rafmedia-tests-servers $(TEST_SERVERS) \
+		> .test-logs/servers.log 2>&1 & servers=$$!; \
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --basetemp=/tmp/rafmedia-tests-rest tests \
+		$(addprefix --ignore=,$(TEST_SERVERS)) > .test-logs/rest.log 2>&1; rest=$$?; \
+	wait $$servers; servers=$$?; \
+	echo "=== $(TEST_SERVERS)"; cat .test-logs/servers.log; echo "=== the rest"; cat .test-logs/rest.log; \
+	echo "exit codes: servers $$servers, rest $$rest"; test $$servers -eq 0 && test $$rest -eq 0
 
 benchmarks: venv
 	@$(PIP_INSTALL) -e ".[bench]" 2>&1 | sed '/is ignored: it is neither/d'

