@@ -31,10 +31,6 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name, for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
 @dataclass
 class Preset:
     task: str
@@ -122,17 +118,12 @@ def raw(preset: Preset, batches: list[dict], device: torch.device) -> float:
 
 
 def step_flops(preset: Preset, batch: dict, device: torch.device) -> float:
-    """Model FLOPs of one forward + backward pass (matmuls and convolutions, counted by torch)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Model FLOPs of one forward + backward pass (matmuls and convolutions, counted by torch), as the trainer
+    counts them for its TFLOP/s and MFU (`rafmedia.engine.accounting.step_flops`)."""
+    from rafmedia.engine.accounting import step_flops as count
 
-    task = build_task(preset, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(preset.precision)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = task(batch)["loss"]
-        loss.backward()
-    return float(counter.get_total_flops())
+    return count(build_task(preset, device), batch, dtype=dtype, micro_steps=1)
 
 
 def stream_source(preset: Preset, store_path: Path, num_workers: int):
@@ -164,13 +155,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
-    if given:
-        return given
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+def peak_tflops(device: torch.device, given: float | None, precision: str) -> float | None:
+    from rafmedia.engine.accounting import device_peak_tflops
+
+    return given or device_peak_tflops(device, precision)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"engine overhead: {100 * (1 - statistics.median(ratios)):.1f}% (target at most 5%)")
 
     flops = step_flops(preset, batches[0], device)
-    peak = peak_tflops(device, args.peak_tflops)
+    peak = peak_tflops(device, args.peak_tflops, preset.precision)
     achieved = flops / ours_med / 1e12
     line = f"model FLOPs per step: {flops / 1e9:.2f} GFLOP; achieved {achieved:.3f} TFLOP/s (ours)"
     print(line + (f"; MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s peak" if peak else ""))

@@ -109,13 +109,41 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on at least one (a stop request, for instance)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+class StopVote:
+    """Agrees on a stop request across ranks without holding up any step.
+
+    One process: `vote(flag)` answers `flag` at once. Several: each step's vote starts a non-blocking MAX all-reduce
+    of one CPU number on a gloo group of its own (never the device's stream, so no host-device synchronisation), and
+    the answer read back is the previous step's vote, whose reduction has had a whole step to finish. Every rank
+    reads the same vote at the same step, so all stop together, one step after the signal's step at worst.
+    `close()` settles the vote in flight before the group is left.
+    """
+
+    def __init__(self):
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")  # collective: every rank builds its StopVote at the same point
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def vote(self, flag: bool) -> bool:
+        if self.group is None:
+            return flag
+        decided = self._settle()
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        self.pending = (tensor, dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return decided
+
+    def _settle(self) -> bool:
+        if self.pending is None:
+            return False
+        tensor, work = self.pending
+        work.wait()
+        self.pending = None
+        return bool(tensor.item() > 0)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self._settle()
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -127,12 +155,13 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `values` over the ranks (one all-reduce; `values` itself with one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def destroy() -> None:

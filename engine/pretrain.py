@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from rafmedia.core.errors import UserError
+from rafmedia.engine.accounting import Footprint
 from rafmedia.engine.batches import DataConfig, StreamBatches, view_batches
 from rafmedia.engine.distributed import Place, barrier, place_from_environment
 from rafmedia.engine.encoders import EncoderConfig, create_encoder
@@ -74,8 +75,10 @@ def pretrain_encoder(*, data: DataConfig, encoder: EncoderConfig, task: TaskConf
     torch.manual_seed(train_config.seed)
     model = create_encoder(encoder.name, **encoder.options)
     pretext = create_task(task.name, encoder=model, **task.options)
+    footprint = Footprint()  # from before the data is read
     batches = build_batches(data, kind, pretext.views, train_config, place, progress)
-    result = train(pretext, batches, config=train_config, out_dir=out_dir, progress=progress, place=place)
+    result = train(pretext, batches, config=train_config, out_dir=out_dir, progress=progress, place=place,
+                   store=data.cohort, footprint=footprint)
     weights = out_dir / ENCODER_FILE
     if place.is_main:
         store = CohortStore(data.cohort)

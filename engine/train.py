@@ -12,7 +12,7 @@ import json
 import math
 import signal
 import threading
-import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from rafmedia.core.errors import Preempted, UserError
 from rafmedia.core.files import atomic_write_text
+from rafmedia.engine.accounting import (Footprint, StepClock, batch_voxels, device_peak_tflops, step_flops,
+                                        write_footprint)
 from rafmedia.engine.batches import as_batch_source
-from rafmedia.engine.distributed import (Place, any_rank, device_for, gather_objects, init_distributed,
+from rafmedia.engine.distributed import (Place, StopVote, device_for, gather_objects, init_distributed,
                                          mean_across_ranks, place_from_environment)
-from rafmedia.engine.wrappers import PRECISIONS, WRAPPERS, NonFiniteLoss, create_wrapper
+from rafmedia.engine.wrappers import PRECISIONS, WRAPPERS, create_wrapper
+from rafmedia.shards.store import CohortStore
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: submitit's time-limit warning
 
@@ -57,6 +60,7 @@ class TrainConfig:
     tensorboard: bool = True  # also log to out_dir/tensorboard (rank 0)
     profile_steps: int = 0  # > 0: torch.profiler traces this many steps (after profile_start) to out_dir/profile
     profile_start: int = 5  # steps run (in this call) before the first profiled one
+    count_flops: bool | None = None  # count a step's model FLOPs once (TFLOP/s, MFU); None: on CUDA only
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -183,11 +187,14 @@ def _as_float(value: Any) -> float:
 
 
 def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progress: bool = True,
-          place: Place | None = None) -> TrainResult:
+          place: Place | None = None, store: str | Path | None = None,
+          footprint: Footprint | None = None) -> TrainResult:
     """Runs (or resumes) pretraining of `task` and returns the losses of the steps run in this call.
 
     `batches` is a batch source (`rafmedia.engine.batches`) or a pure function of the micro-step. Under torchrun
-    or the deepspeed launcher every rank calls this with its own source (its share of the data).
+    or the deepspeed launcher every rank calls this with its own source (its share of the data). `store`, the
+    cohort store read, puts its size against its sources' into the run's footprint.json; `footprint`, made before
+    the data was loaded, counts the load too (default: from this call on).
     """
     config.validate()
     if config.num_threads > 0:
@@ -202,13 +209,42 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
     wrapper = create_wrapper(config.wrapper, task=task, optimizer=optimizer, scheduler=scheduler, config=config,
                              place=place, device=device)
     try:
-        return _run(task, wrapper, batches, config, Path(out_dir), progress, place, device)
+        return _run(task, wrapper, batches, config, Path(out_dir), progress, place, device, store,
+                    footprint or Footprint())
     finally:
         wrapper.close()
 
 
+class LossBuffer:
+    """This rank's loss of each step, kept on the device until a boundary (logging, checkpoint, stop, the end)
+    reduces them across ranks in one all-reduce and checks them: no per-step host synchronisation.
+
+    A non-finite mean stops the run before any checkpoint could save the weights it produced."""
+
+    def __init__(self, checkpoints: Path, config: TrainConfig):
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.losses: list[float] = []
+        self.checkpoints, self.config = checkpoints, config
+
+    def add(self, step: int, outputs: list[dict[str, Any]]) -> None:
+        self.pending.append((step, torch.stack([o["loss"].detach() for o in outputs]).double().mean()))
+
+    def settle(self) -> None:
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        values = mean_across_ranks(torch.stack([loss for _, loss in self.pending])).tolist()
+        self.pending.clear()
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise UserError(f"loss became {value} at step {step}; stopped. The last good checkpoint is kept in "
+                                f"{self.checkpoints}: lower train.lr (now {self.config.lr}) or raise "
+                                "train.warmup_steps and resume")
+        self.losses.extend(values)
+
+
 def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: bool, place: Place,
-         device: torch.device) -> TrainResult:
+         device: torch.device, store, footprint: Footprint) -> TrainResult:
     ema = build_ema(task, config)
     source = as_batch_source(batches)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,49 +252,66 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
     logger = MetricLogger(out_dir, enabled=place.is_main, tensorboard=config.tensorboard)
     start = resume(wrapper, checkpoints, source, ema, place)
     logger.drop_from(start)
+    clock, losses = StepClock(device), LossBuffer(checkpoints, config)
+    flops, peak = None, device_peak_tflops(device, config.precision)
+    described: list[dict[str, Any]] = []  # the store's footprint, once
+    # ZeRO-3 partitions the weights: a copy of the task has none to count with
+    count_flops = (device.type == "cuda" if config.count_flops is None else config.count_flops) and not (
+        config.wrapper == "deepspeed" and config.zero_stage == 3)
 
     def save(step: int) -> None:
         ranks = gather_objects({"torch_rng": torch.get_rng_state(), "data": source.state_dict()})
         wrapper.save(checkpoints, {"step": step, "world_size": place.world_size, "ranks": ranks,
                                    "ema": ema.state_dict() if ema is not None else None})
+        used = gather_objects(footprint.measure())
+        if place.is_main:
+            if store and not described:  # walks the store once per call
+                described.append(CohortStore(store).footprint())
+            write_footprint(out_dir, used, device=device, steps=step - start, store=described[0] if described else None)
 
     task.train()
-    losses = []
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain", unit="step",
                disable=not (progress and place.is_main))
-    with StopRequest() as stop, build_profiler(config, out_dir, place) as profiler:
+    with StopRequest() as stop, build_profiler(config, out_dir, place) as profiler, closing(StopVote()) as vote:
         for step in bar:
-            began = time.perf_counter()
-            try:
-                outputs = [wrapper.micro_step(to_device(source.next(), device),
-                                              boundary=micro == config.grad_accum_steps - 1)
-                           for micro in range(config.grad_accum_steps)]
-            except NonFiniteLoss as error:
-                raise UserError(f"{error} at step {step}; stopped. The last good checkpoint is kept in {checkpoints}: "
-                                f"lower train.lr (now {config.lr}) or raise train.warmup_steps and resume") from None
-            grad_norm = wrapper.optimizer_step()
-            if hasattr(task, "on_step_end"):
-                task.on_step_end(step, config.steps)
-            if ema is not None:
-                ema.update_parameters(task.encoder)
-            loss = mean_across_ranks(sum(_as_float(o["loss"]) for o in outputs) / len(outputs), device)
-            losses.append(loss)
-            if step % config.log_every == 0 or step == config.steps - 1:
+            outputs = []
+            for micro in range(config.grad_accum_steps):
+                with clock.data(), record_function("data"):
+                    batch = to_device(source.next(), device)
+                with clock.compute(), record_function("forward_backward"):
+                    outputs.append(wrapper.micro_step(batch, boundary=micro == config.grad_accum_steps - 1))
+            with clock.compute(), record_function("optimizer"):
+                grad_norm = wrapper.optimizer_step()
+                if hasattr(task, "on_step_end"):
+                    task.on_step_end(step, config.steps)
+                if ema is not None:
+                    ema.update_parameters(task.encoder)
+            losses.add(step, outputs)
+            clock.step_done(batch_voxels(batch) * config.grad_accum_steps)
+            if flops is None and count_flops:
+                flops = step_flops(task, batch, dtype=wrapper.dtype, micro_steps=config.grad_accum_steps)
+            stopping = vote.vote(stop.signal_name is not None)
+            last = step + 1 == config.steps
+            log_due = step % config.log_every == 0 or last
+            checkpoint_due = config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0
+            if log_due or checkpoint_due or stopping or last:
+                losses.settle()
+            if log_due:
                 logs = {key: round(sum(_as_float(o[key]) for o in outputs) / len(outputs), 6) for key in outputs[0]}
-                logger.log({"step": step, **logs, "loss": loss, "lr": wrapper.lr(), "grad_norm": grad_norm,
-                            "step_seconds": round(time.perf_counter() - began, 4)})
-                bar.set_postfix(loss=f"{loss:.3f}")
+                logger.log({"step": step, **logs, "loss": losses.losses[-1], "lr": wrapper.lr(),
+                            "grad_norm": _as_float(grad_norm),
+                            **clock.record(samples_per_step=config.batch_size * config.grad_accum_steps,
+                                           flops_per_step=flops, peak_tflops=peak)})
+                bar.set_postfix(loss=f"{losses.losses[-1]:.3f}")
             if profiler is not None:
                 profiler.step()
-            stopping = any_rank(stop.signal_name is not None, device)
-            checkpoint_due = config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0
-            if stopping or step + 1 == config.steps or checkpoint_due:
+            if stopping or last or checkpoint_due:
                 save(step + 1)
             if stopping:
                 logger.close()
                 raise Preempted(stop.signal_name or "a signal on another rank", step + 1, checkpoints)
     logger.close()
-    return TrainResult(losses=losses, last_step=config.steps, ema=ema.module if ema is not None else None)
+    return TrainResult(losses=losses.losses, last_step=config.steps, ema=ema.module if ema is not None else None)
 
 
 def resume(wrapper, checkpoints: Path, source, ema, place: Place) -> int:

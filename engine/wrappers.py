@@ -6,7 +6,8 @@
 
 All share one small contract, so the loop never names a wrapper:
     wrapper.micro_step(batch, boundary) -> outputs   # forward + backward of one micro-batch
-    wrapper.optimizer_step() -> grad norm            # clip, step, schedule, zero (after the last micro-batch)
+    wrapper.optimizer_step() -> grad norm            # clip, step, schedule, zero (after the last micro-batch);
+                                                     # a tensor left on the device (read at logging boundaries)
     wrapper.lr() -> float
     wrapper.save(folder, extra) / wrapper.load(folder) -> extra or None   # collective; every rank calls them
 `wrapper.task` is the unwrapped task (what `on_step_end`, EMA and export see).
@@ -35,14 +36,6 @@ DEEPSPEED_POINTER = "latest_deepspeed.txt"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLoss(Exception):
-    """The loss of a micro-batch was NaN or infinite; the trainer stops and keeps the last good checkpoint."""
-
-    def __init__(self, value: float):
-        super().__init__(f"loss became {value}")
-        self.value = value
-
-
 def create_wrapper(name: str, *, task: nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, config, place: Place,
                    device: torch.device):
@@ -53,11 +46,6 @@ def create_wrapper(name: str, *, task: nn.Module, optimizer: torch.optim.Optimiz
 
 def list_wrappers() -> list[str]:
     return WRAPPERS.names()
-
-
-def _check_finite(loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        raise NonFiniteLoss(float(loss.detach().float().item()))
 
 
 def cpu_half_precision_kernels(device: torch.device, dtype: torch.dtype | None):
@@ -90,7 +78,6 @@ class TorchWrapper:
         with sync, cpu_half_precision_kernels(self.device, self.dtype):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 outputs = self.model(batch)
-            _check_finite(outputs["loss"])
             self.scaler.scale(outputs["loss"] / self.config.grad_accum_steps).backward()
         return outputs
 
@@ -101,7 +88,7 @@ class TorchWrapper:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -207,14 +194,13 @@ class DeepSpeedWrapper:
                      for key, value in batch.items()}
         with cpu_half_precision_kernels(self.device, self.dtype):
             outputs = self.engine(batch)
-            _check_finite(outputs["loss"])
             self.engine.backward(outputs["loss"])
         self.engine.step()  # only a bookkeeping call until the accumulation boundary
         return outputs
 
     def optimizer_step(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # a tensor or a number, read at logging boundaries only
+        return norm if norm is not None else float("nan")
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

@@ -69,6 +69,7 @@ class EvaluateConfig:
                                                                    "fairness": 1.0})
     batch_size: int = 16
     patch_size: int = 0  # > 0: embed each volume as the mean of a grid of patches of this size (large volumes)
+    num_workers: int = 2  # DataLoader workers reading subjects while the encoder runs (0: read in the main process)
 
     def validate(self) -> None:
         if not self.cohort:
@@ -89,6 +90,9 @@ class EvaluateConfig:
         self.segmentation.validate()
         if any(not 0 < fraction <= 1 for fraction in self.few_shot):
             raise UserError(f"evaluate.few_shot fractions must be in (0, 1], got {self.few_shot}")
+        if self.num_workers < 0:
+            raise UserError(f"evaluate.num_workers must be >= 0 (0 reads the volumes in the main process), got "
+                            f"{self.num_workers}")
         if self.probe not in categorical_probes():
             raise unknown_name_error("evaluate.probe (a probe for binary targets)", self.probe, categorical_probes())
 
@@ -100,9 +104,10 @@ class EvaluateConfig:
         return {name: [alteration_seed(name, severity) for severity in self.severities] for name in self.alterations}
 
     def settings_digest(self) -> str:
-        """Every option that changes a cell's numbers (not which encoders or cohorts, nor batch size), the alteration
+        """Every option that changes a cell's numbers (not which encoders or cohorts, batch size or readers), the alteration
         seeds, and the registered metrics, probes and latent tests a cell holds (a new one is computed, not missing)."""
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cohort", "encoders", "batch_size")}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("cohort", "encoders", "batch_size",
+                                                                                 "num_workers")}
         registered = {"group_metrics": classification_metrics(), "probes": list_probes(),
                       "latent_tests": list_latent_tests()}
         return digest(settings, self.alteration_seeds(), registered, RESULTS_VERSION)

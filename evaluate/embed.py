@@ -26,13 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.inferers import SlidingWindowSplitter
+from tqdm.auto import tqdm
 
 from rafmedia.core.errors import UserError
+from rafmedia.core.profiling import StageClock
 from rafmedia.core.registry import unknown_name_error
 from rafmedia.engine.distributed import gather_objects
 from rafmedia.evaluate.cache import CLEAN, CacheKey, EmbeddingCache, cached_embeddings
 from rafmedia.shards.alterations import Alteration, alteration_seed, create_alteration
-from rafmedia.shards.volumes import normalize_intensity
+from rafmedia.shards.volumes import VolumeSource, as_volume_source, normalize_intensity
 
 PATCH_POOLINGS = ("mean", "max")
 SEED_STRIDE = 1_000_003  # subject i (or batch start i) draws from seed * SEED_STRIDE + i
@@ -142,42 +144,62 @@ def _patch_grid(patch_size, overlap: float, pooling: str, pad_mode: str):
     return splitter, pooling
 
 
-def embed_subjects(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, indices: Sequence[int], *,
+def embed_subjects(encoder: torch.nn.Module, volumes: torch.Tensor | VolumeSource, indices: Sequence[int], *,
                    batch_size: int = 16, alteration: Alteration | None = None, seed: int = 0,
                    patch_size: int | Sequence[int] | None = None, overlap: float = 0.0, pooling: str = "mean",
-                   device: torch.device | str | None = None, amp: bool | None = None) -> np.ndarray:
-    """Embeds the subjects `indices` of `volumes_NCDHW`, subject i altered with its own generator (seed, i), so a
+                   device: torch.device | str | None = None, amp: bool | None = None,
+                   clock: StageClock | None = None, progress: bool = False, desc: str = "embed") -> np.ndarray:
+    """Embeds the subjects `indices` of `volumes`, subject i altered with its own generator (seed, i), so a
     subject's embedding does not depend on which others are embedded with it (what a per-subject cache needs).
-    Whole volumes, or the pooled grid patches of `extract_patch_embeddings` when `patch_size` is given."""
+    Whole volumes, or the pooled grid patches of `extract_patch_embeddings` when `patch_size` is given.
+
+    `volumes` is a tensor (N, C, D, H, W) in memory or a source streaming them from a store in batches
+    (`rafmedia.shards.volumes.StoreVolumes`, read by DataLoader workers while this process embeds): the encoder sees
+    the same batches of `batch_size` subjects either way, so the embeddings are bit-identical. With a `clock`,
+    stages "read" (the wait for each batch), "alter" and "embed" (the encoder forward) are timed into it.
+    `progress`: a progress bar (`desc`) over the subjects.
+    """
     grid = None if patch_size is None else _patch_grid(patch_size, overlap, pooling, "constant")
-    return _embed_subjects(encoder, volumes_NCDHW, list(indices), batch_size=batch_size, alteration=alteration,
-                           seed=seed, device=device, amp=amp, grid=grid)
+    return _embed_subjects(encoder, volumes, list(indices), batch_size=batch_size, alteration=alteration,
+                           seed=seed, device=device, amp=amp, grid=grid, clock=clock, progress=progress, desc=desc)
 
 
-def _embed_subjects(encoder: torch.nn.Module, volumes_NCDHW: torch.Tensor, indices: list[int], *, batch_size: int,
-                    alteration: Alteration | None, seed: int, device, amp: bool | None, grid) -> np.ndarray:
-    """Embeds `volumes_NCDHW[indices]`, altering subject i with its own generator; (len(indices), D) float64."""
+def _embed_subjects(encoder: torch.nn.Module, volumes: torch.Tensor | VolumeSource, indices: list[int], *,
+                    batch_size: int, alteration: Alteration | None, seed: int, device, amp: bool | None, grid,
+                    clock: StageClock | None = None, progress: bool = False, desc: str = "embed") -> np.ndarray:
+    """Embeds subjects `indices` of `volumes`, altering subject i with its own generator; (len(indices), D) float64."""
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     device = _device(encoder, device)
     encoder.eval()
-    with torch.no_grad(), _autocast(device, amp):
-        if grid is None:
-            rows = [_encode(encoder, torch.cat([_prepared(volumes_NCDHW, i, alteration, seed) for i in batch]), device)
-                    for batch in _chunks(indices, batch_size)]
-        else:
-            rows = [_pooled_patches(encoder, _prepared(volumes_NCDHW, i, alteration, seed), grid, batch_size,
-                                    device)[None] for i in indices]
+    clock = clock or StageClock()  # a throwaway clock keeps the loop free of `if clock` branches
+    rows = []
+    bar = tqdm(total=len(indices), desc=desc, unit="subject", disable=not progress, leave=False)
+    with bar, torch.no_grad(), _autocast(device, amp):
+        # whole volumes: one encoder call per batch; grid patches: a subject's patches in calls of batch_size
+        for subjects, x_BCDHW in as_volume_source(volumes).batches(indices, batch_size if grid is None else 1,
+                                                                   clock=clock):
+            if alteration is not None:
+                with clock.stage("alter", volumes=len(subjects), voxels=x_BCDHW.numel()):
+                    x_BCDHW = torch.cat([_altered(x_BCDHW[j:j + 1], i, alteration, seed)
+                                         for j, i in enumerate(subjects)])
+            with clock.stage("embed", volumes=len(subjects), voxels=x_BCDHW.numel()):
+                # z-scored one subject at a time, as a subject's embedding must not depend on its batch-mates
+                x_BCDHW = torch.cat([normalize_intensity(x_BCDHW[j:j + 1]) for j in range(len(subjects))])
+                if grid is None:
+                    rows.append(_encode(encoder, x_BCDHW, device))
+                else:
+                    rows.append(_pooled_patches(encoder, x_BCDHW, grid, batch_size, device)[None])
+            del x_BCDHW  # before the next batch arrives: at most one batch held here
+            bar.update(len(subjects))
     if not rows:
         return np.zeros((0, int(encoder.embed_dim)))
     return torch.cat(rows).numpy()
 
 
-def _prepared(volumes_NCDHW: torch.Tensor, index: int, alteration: Alteration | None, seed: int) -> torch.Tensor:
-    x_1CDHW = volumes_NCDHW[index:index + 1]
-    if alteration is not None:
-        x_1CDHW = alteration(x_1CDHW, torch.Generator().manual_seed(seed * SEED_STRIDE + index))
-    return normalize_intensity(x_1CDHW)
+def _altered(x_1CDHW: torch.Tensor, index: int, alteration: Alteration, seed: int) -> torch.Tensor:
+    """Subject `index` (its volume `x_1CDHW`) altered with its own generator (seed, index)."""
+    return alteration(x_1CDHW, torch.Generator().manual_seed(seed * SEED_STRIDE + index))
 
 
 def _pooled_patches(encoder: torch.nn.Module, x_1CDHW: torch.Tensor, grid, batch_size: int,
@@ -191,10 +213,6 @@ def _pooled_patches(encoder: torch.nn.Module, x_1CDHW: torch.Tensor, grid, batch
 
 def _encode(encoder: torch.nn.Module, x_BCDHW: torch.Tensor, device: torch.device) -> torch.Tensor:
     return encoder(x_BCDHW.to(device, non_blocking=True)).double().cpu()
-
-
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[start:start + size] for start in range(0, len(items), size)]
 
 
 def _device(encoder: torch.nn.Module, device) -> torch.device:
@@ -230,21 +248,29 @@ class Embedder:
     evaluation embeds only the (model, subject, alteration, severity, seed) it has not embedded yet. An altered
     embedding draws from the alteration's own seed (`alteration_seed`), which is part of its cache key.
 
+    Only the subjects whose embeddings are not cached are read: with a streamed source (`StoreVolumes`) a call
+    holds one batch of volumes (plus the workers' read-ahead), whatever the cohort's size.
+
     Args:
-        volumes_NCDHW: the cohort's raw volumes, in manifest order.
+        volumes: the cohort's raw volumes in manifest order: a tensor (N, C, D, H, W) in memory, or a source that
+            streams them from the store (`rafmedia.shards.volumes.StoreVolumes`).
         subject_ids: their subject ids, in the same order.
         cohort_digest: the cohort's digest (cache keys of one cohort).
         batch_size: subjects per encoder call.
         patch_size: > 0: embed each volume as the mean of a grid of patches of this side.
         cache: the embedding cache, or None to embed everything.
+        clock: where stages "read", "alter" and "embed" are timed (see `embed_subjects`), or None.
+        progress: a progress bar per call.
     """
 
-    volumes_NCDHW: torch.Tensor
+    volumes: torch.Tensor | VolumeSource
     subject_ids: list[str]
     cohort_digest: str
     batch_size: int = 16
     patch_size: int = 0
     cache: EmbeddingCache | None = None
+    clock: StageClock | None = None
+    progress: bool = False
 
     def __call__(self, model: torch.nn.Module, model_digest: str, indices: np.ndarray, *, alteration: str = CLEAN,
                  severity: int = 0) -> np.ndarray:
@@ -260,8 +286,10 @@ class Embedder:
         def compute(keys: list[CacheKey]) -> np.ndarray:
             wanted = [position[key.subject] for key in keys]
             altered = None if alteration == CLEAN else create_alteration(alteration, severity=severity)
-            return embed_subjects(model, self.volumes_NCDHW, wanted, batch_size=self.batch_size, alteration=altered,
-                                  seed=seed, patch_size=self.patch_size or None)
+            return embed_subjects(model, self.volumes, wanted, batch_size=self.batch_size, alteration=altered,
+                                  seed=seed, patch_size=self.patch_size or None, clock=self.clock,
+                                  progress=self.progress, desc=f"embed {alteration}" + (f" s{severity}" if severity
+                                                                                         else ""))
 
         subject_ids = [self.subject_ids[i] for i in indices]
         position = {subject: int(i) for subject, i in zip(subject_ids, indices)}

@@ -306,11 +306,15 @@ def aggregate_reference_dice(dice_RS: np.ndarray, *, aggregate: str = "max", top
 
 def reverse_dice_matrix(test_images, test_predictions, reference_images, reference_labels, *,
                         structures: Sequence[int] | Mapping[str, int], method: str = "voxel_classifier", seed: int,
-                        neighbours_NK: np.ndarray | None = None, **options) -> np.ndarray:
+                        neighbours_NK: np.ndarray | None = None, first_case: int = 0,
+                        prepared_references: list | None = None, **options) -> np.ndarray:
     """(N_test, N_ref, S) Dice of every test case's reverse classifier on every reference (NaN where not run).
 
     Args:
         neighbours_NK: optional reference indices per test case; only those references are segmented.
+        first_case: the index of the first test case given (the test cases streamed in batches: a batch starting
+            at case k passes k, and its estimates are those of the whole set's cases k, k+1, ...).
+        prepared_references: `classifier.prepare` of each reference image, computed once for every batch.
         options: the reverse classifier's options (see `create_reverse_classifier`).
 
     The classifier of test case i draws from `default_rng([seed, i])`, so a case's estimate does not depend on
@@ -320,19 +324,27 @@ def reverse_dice_matrix(test_images, test_predictions, reference_images, referen
     test_X, test_Y, reference_X, reference_Y = _check_inputs(test_images, test_predictions, reference_images,
                                                              reference_labels, values)
     classifier = create_reverse_classifier(method, **options)
-    prepared_references = [classifier.prepare(image) for image in reference_X]
+    if prepared_references is None:
+        prepared_references = prepare_references(reference_X, method=method, **options)
     dice_NRS = np.full((len(test_X), len(reference_X), len(values)), np.nan)
     for index, (image, prediction) in enumerate(zip(test_X, test_Y)):
         chosen = np.arange(len(reference_X)) if neighbours_NK is None else np.asarray(neighbours_NK[index])
         dice_NRS[index, chosen] = reverse_dice(
             classifier.prepare(image), prediction, [prepared_references[r] for r in chosen], reference_Y[chosen],
-            values, classifier=classifier, rng=np.random.default_rng([seed, index]))
+            values, classifier=classifier, rng=np.random.default_rng([seed, first_case + index]))
     return dice_NRS
+
+
+def prepare_references(reference_images, *, method: str = "voxel_classifier", **options) -> list:
+    """`prepare` of each reference image by the reverse classifier `method` (for `reverse_dice_matrix`)."""
+    classifier = create_reverse_classifier(method, **options)
+    return [classifier.prepare(image) for image in _volumes("reference_images", reference_images)]
 
 
 def estimate_dice(test_images, test_predictions, reference_images, reference_labels, *,
                   structures: Sequence[int] | Mapping[str, int], method: str = "voxel_classifier", seed: int,
-                  aggregate: str = "max", top_k: int = 3, **options) -> np.ndarray:
+                  aggregate: str = "max", top_k: int = 3, first_case: int = 0, prepared_references: list | None = None,
+                  **options) -> np.ndarray:
     """RCA estimate of each test case's Dice per structure (Valindria et al. 2017; see the module docstring).
 
     Args:
@@ -341,13 +353,15 @@ def estimate_dice(test_images, test_predictions, reference_images, reference_lab
         structures: label values to score, or {name: label value}; columns follow its order.
         method: a registered reverse classifier (`list_reverse_classifiers()`); `options` go to it.
         aggregate: "max" over references (Valindria) or "top_k_mean" of the `top_k` largest.
+        first_case, prepared_references: to estimate a set streamed in batches (`reverse_dice_matrix`).
 
     Returns:
         (N_test, num_structures) float64; NaN where a structure is undefined on every reference.
     """
     _check_aggregate(aggregate, top_k)  # before the expensive part
     dice_NRS = reverse_dice_matrix(test_images, test_predictions, reference_images, reference_labels,
-                                   structures=structures, method=method, seed=seed, **options)
+                                   structures=structures, method=method, seed=seed, first_case=first_case,
+                                   prepared_references=prepared_references, **options)
     return _aggregate_cases(dice_NRS, aggregate, top_k)
 
 

@@ -19,7 +19,9 @@ import time
 from typing import Any
 
 import numpy as np
+import sklearn
 
+from rafmedia.core.profiling import StageClock
 from rafmedia.engine.distributed import Place, gather_objects, init_distributed, place_from_environment
 from rafmedia.evaluate import fairness, latent, raf, scan_level
 from rafmedia.evaluate.cache import EmbeddingCache
@@ -31,10 +33,12 @@ from rafmedia.evaluate.results import CellKey, ResultsStore, jsonable
 from rafmedia.evaluate.robustness import add_corruption_errors, robustness_results
 from rafmedia.evaluate.segmentation import pixel_level_results
 
+SKLEARN_WORKING_MEMORY_MB = 32  # scikit-learn's default, 1024, held 3,200 x 3,200 distances (82 MB) at once
+
 
 def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: ResultsStore | None = None,
                    cache: EmbeddingCache | None = None, place: Place | None = None,
-                   entries: list[EncoderEntry] | None = None) -> dict[str, Any]:
+                   entries: list[EncoderEntry] | None = None, clock: StageClock | None = None) -> dict[str, Any]:
     """Scores every encoder of `config` on its cohort; returns the report dictionary.
 
     Each (encoder, cohort, settings) cell already in `results` is read from it instead of computed, and each
@@ -44,15 +48,39 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
     rest (probes, bootstraps, permutations) is repeated on every rank from the same embeddings, so every rank
     returns the one-process report. Rank 0 reads and writes the results store. `entries`, when given, are scored
     instead of the entries `config.encoders` would build (the portal's sandboxed encoders).
+
+    Volumes are streamed from the store in batches (`config.num_workers` DataLoader workers read the next batches
+    while the encoder embeds this one), for every pass: memory holds a few batches, not the cohort.
+
+    `clock`, when given, accumulates the evaluator's stages (`rafmedia.core.profiling.StageClock`): "read" (the
+    time this process waits for the next batch of volumes, with the volumes, voxels and bytes read: the reads run
+    in the workers, so this is the read time the forward passes do not hide; with `num_workers=0` it is the whole
+    read), "alter", "embed" (z-score and encoder forward), "probe" (probe fits and scan-level scores), "bootstrap"
+    (fairness intervals and permutation tests, RAF intervals), "latent", and "segmentation" (the whole pixel-level
+    stage, its reads included) when it is on. Stages do not nest: their seconds add up to at most the run's.
+
+    scikit-learn's pairwise computations (kNN probes, silhouette, the kNN out-of-distribution score) work in chunks
+    of at most `SKLEARN_WORKING_MEMORY_MB`, so no N x N matrix is ever held whole.
     """
+    with sklearn.config_context(working_memory=SKLEARN_WORKING_MEMORY_MB):
+        return evaluate_cells(config, progress=progress, results=results, cache=cache, place=place, entries=entries,
+                              clock=clock)
+
+
+def evaluate_cells(config: EvaluateConfig, *, progress: bool, results: ResultsStore | None,
+                   cache: EmbeddingCache | None, place: Place | None, entries: list[EncoderEntry] | None,
+                   clock: StageClock | None) -> dict[str, Any]:
+    """`run_evaluation`'s body: every cell of `config`, read from `results` or computed."""
     config.validate()
     place = place or place_from_environment()
     init_distributed(place)
     data = load_cohort(config, progress=progress and place.is_main)
     entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds,
                                        random_baseline=config.random_baseline)
+    clock = clock if clock is not None else StageClock()
     embed = Embedder(data.volumes, [row["subject_id"] for row in data.rows], data.digest,
-                     batch_size=config.batch_size, patch_size=config.patch_size, cache=cache)
+                     batch_size=config.batch_size, patch_size=config.patch_size, cache=cache, clock=clock,
+                     progress=progress and place.is_main)
     settings = config.settings_digest()
     scored = {}
     for entry in entries:
@@ -62,7 +90,8 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
             scored[entry.name] = cached.result
             continue
         began = time.perf_counter()
-        result = as_json(evaluate_entry(entry, data, config, embed=embed, progress=progress and place.is_main))
+        result = as_json(evaluate_entry(entry, data, config, embed=embed, progress=progress and place.is_main,
+                                        clock=clock))
         if results is not None and place.is_main:
             results.put(key, encoder=entry.name, encoder_source=entry.source, cohort=data.store.path.parent.name,
                         cohort_path=str(data.store.path), seconds=time.perf_counter() - began, result=result)
@@ -88,36 +117,42 @@ def clean_embeddings(entry: EncoderEntry, embed: Embedder, num_subjects: int) ->
 
 
 def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig, *, embed: Embedder,
-                   progress: bool) -> dict[str, Any]:
-    """One cell: the stages of the module docstring, in order."""
+                   progress: bool, clock: StageClock | None = None) -> dict[str, Any]:
+    """One cell: the stages of the module docstring, in order (timed into `clock`, see `run_evaluation`)."""
+    clock = clock if clock is not None else StageClock()
     emb_by_seed = clean_embeddings(entry, embed, len(data.rows))
     first, digest = entry.replicates[0], model_digests(entry)[entry.replicates[0].seed]
-    fits = scan_level.fit_probes(emb_by_seed, data.labels, data.splits, probe=config.probe, c_grid=config.c_grid)
-    primary_fits = [fits[(replicate.seed, config.primary_target)] for replicate in entry.replicates]
-    primary, y = primary_fits[0], data.labels[config.primary_target]
-    probes = scan_level.scan_level_results(fits, emb_by_seed, data.labels, data.splits, rows=data.rows,
-                                           primary_target=config.primary_target, probe=config.probe,
-                                           few_shot=config.few_shot, ordinal_targets=config.ordinal_targets,
-                                           c_grid=config.c_grid)
+    with clock.stage("probe"):
+        fits = scan_level.fit_probes(emb_by_seed, data.labels, data.splits, probe=config.probe, c_grid=config.c_grid)
+        primary_fits = [fits[(replicate.seed, config.primary_target)] for replicate in entry.replicates]
+        primary, y = primary_fits[0], data.labels[config.primary_target]
+        probes = scan_level.scan_level_results(fits, emb_by_seed, data.labels, data.splits, rows=data.rows,
+                                               primary_target=config.primary_target, probe=config.probe,
+                                               few_shot=config.few_shot, ordinal_targets=config.ordinal_targets,
+                                               c_grid=config.c_grid)
     robustness, altered_scores = robustness_results(
         primary, lambda name, severity: embed(first.model, digest, primary.test_idx, alteration=name,
                                               severity=severity),
         emb_by_seed[first.seed], y, alterations=config.alterations, severities=config.severities, progress=progress,
         desc=entry.name)
-    fairness_result = fairness.fairness_results(primary_fits, y, data.groups, seed=config.seeds[0],
-                                                num_resamples=config.bootstrap_resamples,
-                                                num_permutations=config.permutations,
-                                                min_group_size=config.min_group_size)
-    latent_result = latent.latent_results(emb_by_seed[first.seed], data.rows, config.group_by, seed=first.seed,
-                                          split=(primary.train_idx, primary.test_idx))
+    with clock.stage("bootstrap"):
+        fairness_result = fairness.fairness_results(primary_fits, y, data.groups, seed=config.seeds[0],
+                                                    num_resamples=config.bootstrap_resamples,
+                                                    num_permutations=config.permutations,
+                                                    min_group_size=config.min_group_size)
+    with clock.stage("latent"):
+        latent_result = latent.latent_results(emb_by_seed[first.seed], data.rows, config.group_by, seed=first.seed,
+                                              split=(primary.train_idx, primary.test_idx))
+    with clock.stage("bootstrap"):
+        raf_result = raf.raf_with_intervals(raf_inputs(primary_fits, y, data, config, altered_scores),
+                                            config.weights(), num_resamples=config.bootstrap_resamples,
+                                            seed=first.seed, with_draws=True)
     result = {"source": entry.source, "probes": probes, "fairness": fairness_result, "robustness": robustness,
-              "latent": latent_result,
-              "raf": raf.raf_with_intervals(raf_inputs(primary_fits, y, data, config, altered_scores), config.weights(),
-                                            num_resamples=config.bootstrap_resamples, seed=first.seed,
-                                            with_draws=True)}
+              "latent": latent_result, "raf": raf_result}
     result["raf_draws"] = result["raf"].pop("draws")  # per-draw values: rank intervals across encoders
     if config.segmentation.enabled:
-        result["segmentation"] = pixel_level_results(first.model, primary, data, config, seed=first.seed)
+        with clock.stage("segmentation"):
+            result["segmentation"] = pixel_level_results(first.model, primary, data, config, seed=first.seed)
     result["headline"] = {
         **scan_level.headline(probes, primary_target=config.primary_target, probe=config.probe),
         **fairness.headline(fairness_result, config.group_by), **latent.headline(latent_result)}

@@ -125,7 +125,19 @@ def fit_segmentation_head(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.n
     """
     volumes = torch.as_tensor(volumes_NCDHW)
     features = encoder_features(encoder, volumes, batch_size=batch_size)
-    labels = _check_labels(labels_NDHW, volumes, num_classes).to(features.device)
+    labels = _check_labels(labels_NDHW, volumes, num_classes)
+    return fit_head_on_features(features, labels, size=tuple(volumes.shape[2:]), num_classes=num_classes,
+                                steps=steps, lr=lr, seed=seed, batch_size=batch_size, hidden_channels=hidden_channels)
+
+
+def fit_head_on_features(features_NFDHW: torch.Tensor, labels_NDHW: torch.Tensor, *, size: tuple[int, int, int],
+                         num_classes: int, steps: int = 200, lr: float = 1e-2, seed: int = 0, batch_size: int = 4,
+                         hidden_channels: int = 32) -> SegmentationHead:
+    """`fit_segmentation_head` from the encoder's features (`encoder_features`, computed in batches of
+    `batch_size` volumes) and the label maps (any integer dtype: uint8 keeps a streamed training set small; each
+    step's batch is widened to int64), for volumes of spatial `size`."""
+    features = features_NFDHW
+    labels = torch.as_tensor(labels_NDHW).to(features.device)
     with torch.random.fork_rng(devices=[]):  # the head's initial weights come from `seed`, not the global stream
         torch.manual_seed(seed)
         head = SegmentationHead(features.shape[1], num_classes, hidden_channels=hidden_channels)
@@ -134,11 +146,10 @@ def fit_segmentation_head(encoder: nn.Module, volumes_NCDHW: torch.Tensor | np.n
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    size = tuple(volumes.shape[2:])
     head.train()
     for _ in range(steps):
         batch = torch.randperm(len(features), generator=generator)[:batch_size].to(features.device)
-        loss = loss_function(head(features[batch], size), labels[batch][:, None])
+        loss = loss_function(head(features[batch], tuple(size)), labels[batch][:, None].long())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

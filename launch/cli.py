@@ -69,6 +69,14 @@ EXAMPLES = {
   torchrun --nproc_per_node 4 -m rafmedia.launch.cli evaluate ...     # subjects shared out among 4 ranks
   raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site,sex,age]
   raf evaluate ... 'evaluate.raf_weights={performance: 2, robustness: 1, fairness: 1}'""",
+    "profile": """examples:
+  raf profile --cohort runs/synth --out runs/profile                 # the quickstart's settings (data.source=memory)
+  raf profile --cohort runs/synth --out runs/profile-stream data.source=stream data.patch_size=48 data.num_workers=1
+  raf profile --cohort runs/big --config my_run.yaml --steps 50      # the settings of your run, 50 timed steps
+  torchrun --nproc_per_node 2 -m rafmedia.launch.cli profile --cohort runs/synth train.wrapper=ddp  # + all-reduce
+  Output: a table here; OUT/profile.html (stage waterfall, throughput per stage, bound, advice), OUT/profile.json
+  (every number), OUT/run/ (the end-to-end run: metrics.jsonl) and a Perfetto/Chrome trace per rank in
+  OUT/run/profile/ (open it at https://ui.perfetto.dev). How to read it: docs/profiling.md.""",
     "leaderboard": """examples:
   raf leaderboard runs/sweep                     # runs/sweep/results.sqlite -> runs/sweep/leaderboard.{md,csv,html}
   raf leaderboard 'runs/jobs-*/' --out runs/board   # the stores of several SLURM array tasks""",
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_commands(commands: argparse._SubParsersAction) -> None:
-    """synth, pretrain, evaluate, leaderboard, report, quickstart."""
+    """synth, pretrain, evaluate, profile, leaderboard, report, quickstart."""
     formatter = argparse.RawDescriptionHelpFormatter
     synth = commands.add_parser("synth", help="write the synthetic reference cohort (zarr store + manifest)",
                                 description="Generate the synthetic cohort (simplified 3D body scans with labels, "
@@ -182,6 +190,31 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
                           help="cohort store; repeat for several (sets evaluate.cohort)")
     evaluate.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
                           help="exported encoder (.safetensors with its .card.json) or a quoted glob; repeat for several")
+    evaluate.add_argument("--profile", action="store_true",
+                          help="also time the evaluator's stages (read, alter, embed, probe, bootstrap, ..., report) "
+                          "and write OUT/profile.json and profile.html (docs/profiling.md)")
+
+    profile = commands.add_parser(
+        "profile", help="find the stage that bounds pretraining, with advice computed from measurements",
+        description="Measure every pretraining stage alone at the run's settings (store read cold and warm, chunk "
+        "decode, patch sampling per loader worker, views in torch and DALI, host-to-device copy, forward+backward, "
+        "optimizer step, gradient all-reduce under torchrun), then run the real pipeline for --steps steps into "
+        "OUT/run. Prints and writes each stage's volumes/s, patches/s and voxels/s, the bounding stage, the "
+        "end-to-end rate as a fraction of the bound's isolated rate, the loader workers needed, and advice "
+        "(workers, patches per visit, chunk size, DALI, batch size) each citing the numbers it came from.",
+        epilog=EXAMPLES["profile"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
+    _add_config_arguments(profile, "runs/profile")
+    profile.add_argument("--cohort", metavar="STORE", help="cohort store (or a folder holding cohort.zarr); sets "
+                         "data.cohort")
+    profile.add_argument("--steps", type=int, default=20, metavar="N", help="end-to-end steps timed (default: 20)")
+    profile.add_argument("--warmup-steps", type=int, default=3, metavar="N",
+                         help="end-to-end steps run before the timing starts (default: 3)")
+    profile.add_argument("--trace-steps", type=int, default=3, metavar="N",
+                         help="steps traced by torch.profiler after the timed ones (default: 3; 0: no trace)")
+    profile.add_argument("--isolated-steps", type=int, default=5, metavar="N",
+                         help="batches each stage processes when measured alone (default: 5)")
+    profile.add_argument("--read-subjects", type=int, default=8, metavar="N",
+                         help="subjects whose chunk files the store-read and decode stages read (default: 8)")
 
     leaderboard = commands.add_parser(
         "leaderboard", help="rank the encoders of results stores by RAF index",

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 from pathlib import Path
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import read_json, write_json
+from rafmedia.core.profiling import StageClock, format_profile, write_profile
 from rafmedia.engine.encoders import list_encoders
 from rafmedia.engine.pretrain import pretrain_encoder, validate_pretraining
+from rafmedia.engine.profile import ProfileSettings, profile_pretraining
 from rafmedia.engine.tasks import list_tasks
 from rafmedia.engine.wrappers import list_wrappers
 from rafmedia.evaluate.cache import EmbeddingCache
@@ -96,16 +99,66 @@ def run_evaluate(args: argparse.Namespace) -> Path:
     html = None
     for cohort in cohorts:
         config.evaluate.cohort = cohort
-        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results, cache=cache)
+        clock = StageClock() if getattr(args, "profile", False) else None  # --profile (quickstart has no such flag)
+        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results, cache=cache, clock=clock)
         folder = out if len(cohorts) == 1 else out / Path(cohort).parent.name
         if is_main:
-            write_json(folder / REPORT_JSON, report)
-            html = render_report(folder)
+            with clock.stage("report", volumes=1) if clock is not None else contextlib.nullcontext():
+                write_json(folder / REPORT_JSON, report)
+                html = render_report(folder)
             print(f"report: {html.resolve()}")
+            if clock is not None:
+                write_evaluation_profile(folder, clock, cohort=cohort)
     if is_main:
         files = write_leaderboard(leaderboard_rows([results.path]), out)
         print(f"leaderboard: {files['md'].resolve()} (results store: {results.path.resolve()})")
     return html
+
+
+def write_evaluation_profile(folder: Path, clock: StageClock, *, cohort: str) -> dict[str, Path]:
+    """`raf evaluate --profile`: the evaluator's stages (read, alter, embed, probe, bootstrap, ..., report) as
+    FOLDER/profile.json and profile.html. The stages run one after another, so the bound is the longest one."""
+    stages = clock.stages()
+    total = clock.total_seconds()
+    bound = max(stages, key=lambda stage: stage["seconds"])["name"] if stages else None
+    advice = [f"{stage['name']} takes {stage['seconds']:.2f} s, {stage['seconds'] / total:.0%} of the "
+              f"{total:.2f} s timed" for stage in sorted(stages, key=lambda s: -s["seconds"])[:3] if total > 0]
+    profile = {"kind": "evaluation", "stages": stages, "bound": bound, "advice": advice, "cohort": cohort}
+    files = write_profile(folder, profile, title=f"raf evaluate profile: {Path(cohort).parent.name}")
+    print(format_profile(profile))
+    print(f"profile: {files['html'].resolve()} ({files['json'].name} beside it)")
+    return files
+
+
+def run_profile(args: argparse.Namespace) -> dict:
+    """`raf profile`: every pretraining stage alone, the real loop end to end, the bound and advice."""
+    config = _config(args)
+    config.data.cohort = args.cohort or config.data.cohort
+    if not config.data.cohort:
+        raise UserError("no cohort to profile: pass --cohort STORE (or data.cohort=STORE)")
+    config.data.cohort = str(resolve_store(config.data.cohort))
+    validate_pretraining(config.data, config.encoder, config.task, config.train)
+    settings = ProfileSettings(steps=args.steps, warmup_steps=args.warmup_steps, trace_steps=args.trace_steps,
+                               isolated_steps=args.isolated_steps, read_subjects=args.read_subjects)
+    settings.validate()
+    place = resolve_environment()
+    export_for_torch(place)
+    out = Path(args.out)
+    profile = profile_pretraining(data=config.data, encoder=config.encoder, task=config.task,
+                                  train_config=config.train, out_dir=out, settings=settings, progress=not args.quiet)
+    if place.is_main:
+        write_resolved(config, out, ["data", "encoder", "task", "train"])
+        files = write_profile(out, profile, title=f"raf profile: {config.encoder.name} / {config.task.name}, "
+                              f"data.source={config.data.source}")
+        print(format_profile(profile))
+        fraction = profile["end_to_end_fraction_of_bound"]
+        print(f"end to end: {profile['end_to_end_rate']:.2f} samples/s"
+              + (f", {fraction:.0%} of the bound's isolated rate" if fraction else "")
+              + (f"; loader workers needed: {profile['workers_needed']}"
+                 if profile["workers_needed"] and config.data.source == "stream" else ""))
+        print(f"trace: {', '.join(profile['trace']) or 'none (--trace-steps 0)'} (open in https://ui.perfetto.dev)")
+        print(f"profile: {files['html'].resolve()} ({files['json'].name} beside it; the run: {profile['run']})")
+    return profile
 
 
 def expand_encoders(patterns: list[str]) -> list[str]:

@@ -169,6 +169,33 @@ class CohortStore:
     def shape(self, subject_id: str, channel: str = "image") -> tuple[int, ...]:
         return tuple(self._array(subject_id, channel).shape)
 
+    def footprint(self) -> dict[str, Any]:
+        """The store's size on disk against its voxels' raw size and the source files it was ingested from.
+
+        `source_bytes` sums the files each subject's `sources` attribute names (those still on disk; None for a
+        synthetic cohort, which has none); `raw_bytes` is every array's shape x item size, uncompressed."""
+        import json
+
+        stored = raw = 0
+        sources: set[str] = set()
+        for folder, _dirs, files in os.walk(self.path):
+            for name in files:
+                path = Path(folder) / name
+                stored += path.stat().st_size
+                if name != "zarr.json":
+                    continue
+                meta = json.loads(path.read_text(encoding="utf-8"))
+                if meta.get("node_type") == "array":
+                    raw += int(np.prod(meta["shape"])) * np.dtype(meta["data_type"]).itemsize
+                elif path.parent.parent.name == SUBJECTS:  # a subject's group: where it came from
+                    sources.update(source["path"] for source in meta.get("attributes", {}).get("sources", {}).values())
+        present = [Path(source) for source in sources if Path(source).exists()]
+        source_bytes = sum(_bytes_under(source) for source in present) if sources else None
+        return {"path": str(self.path), "store_bytes": stored, "raw_bytes": raw, "source_bytes": source_bytes,
+                "sources_found": f"{len(present)} of {len(sources)}" if sources else "none (synthetic cohort)",
+                "store_over_raw": round(stored / raw, 4) if raw else None,
+                "store_over_source": round(stored / source_bytes, 4) if source_bytes else None}
+
     def read_manifest(self) -> list[dict[str, Any]]:
         """Manifest rows with numbers parsed back to int / float."""
         path = self.path / MANIFEST
@@ -209,6 +236,11 @@ def parse_cell(value: str) -> Any:
         except ValueError:
             pass
     return value
+
+
+def _bytes_under(path: Path) -> int:
+    """A file's size, or the total size of the files in a folder (a DICOM series)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def read_rows_csv(path: str | Path) -> list[dict[str, Any]]:

@@ -1,19 +1,8 @@
 """The evaluation benchmark runs end to end in --quick mode: both throughput paths embed the same subjects
 identically, and the stage breakdown of the full evaluation counts the work the evaluation must do."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_support import load_benchmark as _load
 
 
 def test_evaluate_benchmark_quick_times_both_paths_and_every_stage(capsys):

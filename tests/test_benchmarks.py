@@ -1,21 +1,12 @@
 """The loader benchmark runs end to end in --quick mode (tiny volumes): every loader delivers, data is cached."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.benchmark_support import load_benchmark
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+_load = load_benchmark
 
 
 def test_loader_benchmark_quick_runs(tmp_path):
