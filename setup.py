@@ -52,6 +52,7 @@ setup(
         "nibabel>=5",
         "SimpleITK>=2.2",  # reads NIfTI, NRRD, MetaImage and DICOM series for `raf shards ingest`
         "tensorboard>=2.14",  # pretraining logs (out/tensorboard), next to metrics.jsonl
+        "psutil>=5.9",  # a run's footprint: CPU time and bytes read of its DataLoader workers
         # the benchmark portal (`raf portal`): ASGI app, server-rendered pages, database and migrations, accounts
         "fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9", "sqlalchemy>=2.0",
         "alembic>=1.13", "argon2-cffi>=23.1", "httpx>=0.27",

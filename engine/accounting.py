@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from rafmedia.core.files import atomic_write_text, read_json
 
@@ -82,8 +84,6 @@ def step_flops(task: torch.nn.Module, batch: dict[str, Any], *, dtype: torch.dty
 
 
 def _counted(task: torch.nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         twin = copy.deepcopy(task).to(device).train()
         inputs = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
@@ -167,8 +167,6 @@ class StepClock:
 def process_io_bytes() -> int:
     """Bytes this process and its live child processes (DataLoader workers) have read (Linux `rchar`: read calls,
     from disk or the page cache); 0 where /proc is missing."""
-    import psutil
-
     total = 0
     try:
         me = psutil.Process()
@@ -188,8 +186,6 @@ def cpu_seconds() -> float:
 
 def live_children_cpu_seconds() -> float:
     """CPU seconds of the child processes still running (DataLoader workers are reaped after the run)."""
-    import psutil
-
     total = 0.0
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process().children(recursive=True):

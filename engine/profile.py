@@ -36,6 +36,7 @@ from rafmedia.core.errors import UserError
 from rafmedia.core.files import read_json
 from rafmedia.core.profiling import StageClock, stage_row
 from rafmedia.engine.batches import DataConfig, as_batch_source, view_batches, view_generator
+from rafmedia.engine.dali_views import DaliViews, import_dali
 from rafmedia.engine.distributed import Place, barrier, device_for, init_distributed, place_from_environment
 from rafmedia.engine.encoders import EncoderConfig, create_encoder
 from rafmedia.engine.pretrain import build_batches, load_task_inputs, validate_pretraining
@@ -187,8 +188,6 @@ def run_views(clock: StageClock, stage: str, views: Callable, inputs: list[torch
 def measure_other_views(clock: StageClock, views: Callable, inputs: list[torch.Tensor], seed: int, rank: int,
                         notes: dict[str, str]) -> None:
     """DALI CPU; torch CUDA and DALI GPU where a GPU exists: a stage each, or a note saying why not measured."""
-    from rafmedia.engine.dali_views import DaliViews, import_dali  # cheap: DALI itself is imported by import_dali
-
     cuda = torch.cuda.is_available()
     devices = {"views (DALI CPU)": "cpu", **({"views (DALI GPU)": "gpu"} if cuda else {})}
     if not cuda:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -174,8 +175,6 @@ class CohortStore:
 
         `source_bytes` sums the files each subject's `sources` attribute names (those still on disk; None for a
         synthetic cohort, which has none); `raw_bytes` is every array's shape x item size, uncompressed."""
-        import json
-
         stored = raw = 0
         sources: set[str] = set()
         for folder, _dirs, files in os.walk(self.path):

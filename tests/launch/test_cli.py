@@ -117,6 +117,14 @@ def test_tiny_quickstart_end_to_end(tmp_path):
         assert (folder / "resolved_config.yaml").is_file()
     assert (out / "pretrain" / "encoder.safetensors").is_file()
     assert (out / "cohort.zarr" / "planted.json").is_file()
+    # every logged record carries the step accounting; the footprint names the store's size against its voxels'
+    records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert 0 <= record["data_wait_s"] + record["compute_s"] <= record["step_seconds"] * 1.001
+        assert record["samples_per_s"] > 0 and record["voxels_per_s"] > 0 and record["peak_rss_mb"] > 0
+    footprint = json.loads((out / "pretrain" / "footprint.json").read_text())
+    assert footprint["core_hours"] > 0 and footprint["bytes_read"] > 0
+    assert footprint["store"]["store_bytes"] > 0 and footprint["store"]["source_bytes"] is None  # synthetic
     # `raf report` re-renders the same folder.
     again = raf("report", str(out / "evaluate"))
     assert again.returncode == 0 and (out / "evaluate" / "summary.png").stat().st_size > 10_000
