@@ -29,8 +29,11 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-# H100 SXM dense bf16 tensor-core peak (NVIDIA H100 Tensor Core GPU datasheet, without sparsity): 989.4 TFLOP/s.
-H100_BF16_PEAK_FLOPS = 989.4e12
+from rafmedia.engine.accounting import PEAK_TFLOPS
+
+# H100 SXM dense bf16 tensor-core peak (NVIDIA H100 Tensor Core GPU datasheet, without sparsity): 989.4 TFLOP/s,
+# from the table the trainer's MFU uses.
+H100_BF16_PEAK_FLOPS = PEAK_TFLOPS["H100"]["bf16"] * 1e12
 GPU_COUNTS = (1, 8, 64, 512)
 
 

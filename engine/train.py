@@ -254,7 +254,7 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
     logger.drop_from(start)
     clock, losses = StepClock(device), LossBuffer(checkpoints, config)
     flops, peak = None, device_peak_tflops(device, config.precision)
-    described: list[dict[str, Any]] = []  # the store's footprint, once
+    store_footprint = CohortStore(store).footprint() if store and place.is_main else None  # one walk per call
     # ZeRO-3 partitions the weights: a copy of the task has none to count with
     count_flops = (device.type == "cuda" if config.count_flops is None else config.count_flops) and not (
         config.wrapper == "deepspeed" and config.zero_stage == 3)
@@ -265,9 +265,7 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
                                    "ema": ema.state_dict() if ema is not None else None})
         used = gather_objects(footprint.measure())
         if place.is_main:
-            if store and not described:  # walks the store once per call
-                described.append(CohortStore(store).footprint())
-            write_footprint(out_dir, used, device=device, steps=step - start, store=described[0] if described else None)
+            write_footprint(out_dir, used, device=device, steps=step - start, store=store_footprint)
 
     task.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain", unit="step",
