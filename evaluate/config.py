@@ -12,6 +12,8 @@ from rafmedia.core.registry import unknown_name_error
 from rafmedia.evaluate import raf
 from rafmedia.evaluate.group_metrics import classification_metrics
 from rafmedia.evaluate.latent import list_latent_tests
+from rafmedia.evaluate.mil import MIL_FUSIONS
+from rafmedia.evaluate.ordinal_heads import list_ordinal_heads
 from rafmedia.evaluate.probes import categorical_probes, list_probes
 from rafmedia.evaluate.results import digest
 from rafmedia.shards.alterations import alteration_seed, create_alteration
@@ -41,6 +43,56 @@ class SegmentationConfig:
 
 
 @dataclass
+class WeakLabelsConfig:
+    """`evaluate.weak_labels`: the weak-label study of small multimodal cohorts with one ordinal grade per patient
+    (docs/weak-labels.md). When `enabled`, each encoder's cell is this study instead of the scan-level RAF analyses."""
+
+    enabled: bool = False
+    target: str = "grade"  # the (rated) ordinal grade per patient, 0..K-1
+    truth_target: str = "grade_true"  # the planted grade of a synthetic cohort ("" or absent column: none)
+    channels: list[str] = field(default_factory=list)  # empty: every channel the store holds
+    patch_size: int = 16  # MIL instances: a grid of patches of this side
+    overlap: float = 0.5  # fraction shared by neighbouring patches (0.5: a stride of half a patch)
+    fusion: str = "late"  # the main comparison's fusion: late, early or per_channel
+    fusions: list[str] = field(default_factory=lambda: ["late", "early", "per_channel"])  # the fusion comparison
+    head: str = "corn"  # the main comparison's ordinal head
+    heads: list[str] = field(default_factory=lambda: ["cross_entropy", "corn", "cumulative_link", "qwk"])
+    label_smoothing: float = 0.2  # the smoothed variant of the head comparison (share moved to neighbouring grades)
+    folds: int = 5  # outer stratified folds at patient level
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # one repetition of the outer CV per seed
+    inner_folds: int = 3  # nested CV choosing weight_decay on each outer training set
+    weight_decay_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-1])
+    epochs: int = 100  # full-batch Adam epochs per fit: the fixed compute budget of every MIL fit
+    noise_levels: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3])  # rater noise of the curve
+    curriculum: bool = True  # also train easy-to-hard and report the difference
+    knn_k: int = 3  # neighbours of the patch anomaly score
+    pointing_tolerance: float = -1.0  # voxels around the lesion that count as a hit; < 0: half the patch stride
+    overlays_per_grade: int = 2
+    bootstrap_resamples: int = 1000  # patient bootstrap of every interval
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        for key, values, allowed in (("fusions", [self.fusion, *self.fusions], MIL_FUSIONS),
+                                     ("heads", [self.head, *self.heads], list_ordinal_heads())):
+            for value in values:
+                if value not in allowed:
+                    raise unknown_name_error(f"evaluate.weak_labels.{key[:-1]}", value, allowed)
+        if self.patch_size < 4 or not 0 <= self.overlap < 1:
+            raise UserError(f"evaluate.weak_labels.patch_size must be >= 4 and overlap in [0, 1); got "
+                            f"{self.patch_size} and {self.overlap}")
+        if self.folds < 2 or self.inner_folds < 2 or not self.seeds or self.epochs < 1:
+            raise UserError("evaluate.weak_labels needs folds >= 2, inner_folds >= 2, at least one seed and epochs "
+                            f">= 1; got folds={self.folds}, inner_folds={self.inner_folds}, seeds={self.seeds}, "
+                            f"epochs={self.epochs}")
+        if any(not 0 <= level <= 1 for level in self.noise_levels) or not 0 <= self.label_smoothing < 1:
+            raise UserError(f"evaluate.weak_labels.noise_levels must be in [0, 1] and label_smoothing in [0, 1); got "
+                            f"{self.noise_levels} and {self.label_smoothing}")
+        if not self.weight_decay_grid or any(value < 0 for value in self.weight_decay_grid):
+            raise UserError(f"evaluate.weak_labels.weight_decay_grid must list values >= 0, got {self.weight_decay_grid}")
+
+
+@dataclass
 class EvaluateConfig:
     """What to score and how."""
 
@@ -60,6 +112,7 @@ class EvaluateConfig:
     few_shot: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions of the primary target
     ordinal_targets: list[str] = field(default_factory=list)  # graded columns: ordinal probe, QWK and Spearman
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    weak_labels: WeakLabelsConfig = field(default_factory=WeakLabelsConfig)
     c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     bootstrap_resamples: int = 500
     permutations: int = 1000  # label shuffles of each fairness gap's permutation test
@@ -88,6 +141,7 @@ class EvaluateConfig:
                             f"{', '.join(raf.COMPONENTS)}")
         self.weights().normalised()
         self.segmentation.validate()
+        self.weak_labels.validate()
         if any(not 0 < fraction <= 1 for fraction in self.few_shot):
             raise UserError(f"evaluate.few_shot fractions must be in (0, 1], got {self.few_shot}")
         if self.num_workers < 0:

@@ -14,6 +14,8 @@ from rafmedia.engine.export import load_encoder
 from rafmedia.evaluate.encoder_sources import load_any_encoder
 from rafmedia.evaluate.results import digest
 
+RANDOM_SOURCE = "random initialisation"  # the source of the random-init baseline entry
+
 
 @dataclass
 class Replicate:
@@ -78,10 +80,10 @@ def random_baseline_entry(loaded: list[tuple], *, options: dict[str, dict[str, A
         for seed in seeds:
             torch.manual_seed(seed)
             replicates.append(Replicate(seed, create_encoder(card["architecture"], **card.get("options", {})).eval()))
-        return EncoderEntry(name=f"random-init {card['architecture']}", source="random initialisation",
+        return EncoderEntry(name=f"random-init {card['architecture']}", source=RANDOM_SOURCE,
                             replicates=replicates, digest=digest("random-init", card["architecture"],
                                                                  card.get("options", {}), seeds))
     spec, _ = parse_encoder(loaded[0][0])
     model, info = load_any_encoder(spec, options=options.get(spec))  # one fixed initialisation
-    return EncoderEntry(name=f"random-init {spec}", source="random initialisation",
+    return EncoderEntry(name=f"random-init {spec}", source=RANDOM_SOURCE,
                         replicates=[Replicate(seed, model) for seed in seeds], digest=info["digest"])

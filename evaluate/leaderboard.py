@@ -57,14 +57,16 @@ def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
     latest = {}
     for cell in cells:  # a cell recomputed with other settings replaces the older one in the table
         latest[(cell.encoder, cell.cohort)] = cell
+    # a weak-label cell (evaluate.weak_labels) has no RAF index: its row carries its headline numbers only
     rows = [{"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source,
-             "RAF": cell.result["raf"]["index"], "RAF 95% CI": cell.result["raf"].get("index_ci95"),
-             **{name: cell.result["raf"][name] for name in COMPONENTS}, "headline": cell.result.get("headline", {})}
+             "RAF": (cell.result.get("raf") or {}).get("index"), "RAF 95% CI": (cell.result.get("raf") or {}).get(
+                 "index_ci95"), **{name: (cell.result.get("raf") or {}).get(name) for name in COMPONENTS},
+             "headline": cell.result.get("headline", {})}
             for cell in latest.values()]
-    cohorts = sorted({row["cohort"] for row in rows})
+    cohorts = sorted({row["cohort"] for row in rows if row["RAF"] is not None})
     if len(cohorts) > 1:
-        for encoder in sorted({row["encoder"] for row in rows}):
-            mine = [row for row in rows if row["encoder"] == encoder]
+        for encoder in sorted({row["encoder"] for row in rows if row["RAF"] is not None}):
+            mine = [row for row in rows if row["encoder"] == encoder and row["RAF"] is not None]
             if len(mine) == len(cohorts):
                 rows.append({"encoder": encoder, "cohort": "all cohorts (mean)", "source": mine[0]["source"],
                              "RAF 95% CI": None, "headline": {}, **{key: float(np.mean([row[key] for row in mine]))

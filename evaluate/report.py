@@ -20,6 +20,7 @@ from rafmedia.evaluate.raf import RAF_FORMULA
 from rafmedia.evaluate.report_format import (fairness_metrics, latent_columns, latent_tables, mean_std, number,
                                              other_probes, p_value_text, ser_text, share, with_interval)
 from rafmedia.evaluate.report_md import render_markdown
+from rafmedia.evaluate.weak_report import render_weak_html, render_weak_markdown, weak_summary_figure
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -348,6 +349,10 @@ def render_report(results_dir: str | Path) -> Path:
     if not source.is_file():
         raise UserError(f"{source} not found: point `raf report` at a folder written by `raf evaluate`")
     report = read_json(source)
+    if report.get("kind") == "weak_labels":  # evaluate.weak_labels: a study of its own (evaluate/weak_report.py)
+        atomic_write_bytes(results_dir / "summary.png", weak_summary_figure(report))
+        atomic_write_text(results_dir / REPORT_MD, render_weak_markdown(report))
+        return atomic_write_text(results_dir / REPORT_HTML, render_weak_html(report))
     atomic_write_bytes(results_dir / "summary.png", figures.summary_figure(report))
     atomic_write_text(results_dir / REPORT_MD, render_markdown(report))
     return atomic_write_text(results_dir / REPORT_HTML, render_html(report))

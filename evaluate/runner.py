@@ -8,6 +8,10 @@ fairness per subgroup (`fairness`) -> label-free latent tests (`latent`) -> pixe
 section of the cell's JSON plus the leaderboard's headline numbers, so a new registered metric, probe, latent test
 or alteration reaches the results store, the report and the leaderboard without an edit here.
 
+With `evaluate.weak_labels.enabled` a cell is instead the weak-label study of a small multimodal cohort with one
+ordinal grade per patient (`weak_labels`): attention-MIL and pooled probes under nested cross-validation, ablations,
+localisation scores; every rank computes it whole (it is small), rank 0 stores it.
+
 A replicate is one (model, split seed) pair. A checkpoint is one model scored on every split seed; the random
 baseline is a fresh random initialisation per seed, so its numbers average over initialisations too.
 """
@@ -16,14 +20,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sklearn
 
+from rafmedia.core.files import read_json
 from rafmedia.core.profiling import StageClock
 from rafmedia.engine.distributed import Place, gather_objects, init_distributed, place_from_environment
-from rafmedia.evaluate import fairness, latent, raf, scan_level
+from rafmedia.evaluate import fairness, latent, raf, scan_level, weak_labels
 from rafmedia.evaluate.cache import EmbeddingCache
 from rafmedia.evaluate.cohort_data import CohortData, cohort_summary, load_cohort
 from rafmedia.evaluate.config import EvaluateConfig
@@ -32,6 +39,7 @@ from rafmedia.evaluate.encoder_entries import EncoderEntry, build_entries
 from rafmedia.evaluate.results import CellKey, ResultsStore, jsonable
 from rafmedia.evaluate.robustness import add_corruption_errors, robustness_results
 from rafmedia.evaluate.segmentation import pixel_level_results
+from rafmedia.evaluate.weak_labels import load_weak_cohort
 
 SKLEARN_WORKING_MEMORY_MB = 32  # scikit-learn's default, 1024, held 3,200 x 3,200 distances (82 MB) at once
 
@@ -74,6 +82,9 @@ def evaluate_cells(config: EvaluateConfig, *, progress: bool, results: ResultsSt
     config.validate()
     place = place or place_from_environment()
     init_distributed(place)
+    if config.weak_labels.enabled:
+        return weak_label_cells(config, progress=progress and place.is_main, results=results, place=place,
+                                entries=entries)
     data = load_cohort(config, progress=progress and place.is_main)
     entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds,
                                        random_baseline=config.random_baseline)
@@ -81,24 +92,53 @@ def evaluate_cells(config: EvaluateConfig, *, progress: bool, results: ResultsSt
     embed = Embedder(data.volumes, [row["subject_id"] for row in data.rows], data.digest,
                      batch_size=config.batch_size, patch_size=config.patch_size, cache=cache, clock=clock,
                      progress=progress and place.is_main)
-    settings = config.settings_digest()
+    scored = cells_through_store(
+        entries, lambda entry: evaluate_entry(entry, data, config, embed=embed, progress=progress and place.is_main,
+                                              clock=clock),
+        cohort_digest=data.digest, cohort_path=data.store.path, settings=config.settings_digest(), results=results,
+        place=place)
+    add_corruption_errors(scored, baseline=entries[-1].name if config.random_baseline else None)
+    return {"cohort": cohort_summary(data.store, data.rows, config), "config": dataclasses.asdict(config),
+            "encoders": scored}
+
+
+def cells_through_store(entries: list[EncoderEntry], compute: Callable[[EncoderEntry], dict[str, Any]], *,
+                        cohort_digest: str, cohort_path: Path, settings: str, results: ResultsStore | None,
+                        place: Place) -> dict[str, Any]:
+    """Each entry's cell read from `results`, or computed (`compute(entry)`) and written there as soon as it is done;
+    rank 0 reads and writes the store and shares what it read."""
     scored = {}
     for entry in entries:
-        key = CellKey(entry.digest, data.digest, settings)
+        key = CellKey(entry.digest, cohort_digest, settings)
         cached = gather_objects(results.get(key) if results is not None and place.is_main else None)[0]
         if cached is not None:
             scored[entry.name] = cached.result
             continue
         began = time.perf_counter()
-        result = as_json(evaluate_entry(entry, data, config, embed=embed, progress=progress and place.is_main,
-                                        clock=clock))
+        result = as_json(compute(entry))
         if results is not None and place.is_main:
-            results.put(key, encoder=entry.name, encoder_source=entry.source, cohort=data.store.path.parent.name,
-                        cohort_path=str(data.store.path), seconds=time.perf_counter() - began, result=result)
+            results.put(key, encoder=entry.name, encoder_source=entry.source, cohort=cohort_path.parent.name,
+                        cohort_path=str(cohort_path), seconds=time.perf_counter() - began, result=result)
         scored[entry.name] = result
-    add_corruption_errors(scored, baseline=entries[-1].name if config.random_baseline else None)
-    return {"cohort": cohort_summary(data.store, data.rows, config), "config": dataclasses.asdict(config),
-            "encoders": scored}
+    return scored
+
+
+def weak_label_cells(config: EvaluateConfig, *, progress: bool, results: ResultsStore | None, place: Place,
+                     entries: list[EncoderEntry] | None) -> dict[str, Any]:
+    """`evaluate_cells` when `evaluate.weak_labels.enabled`: one weak-label study per encoder, through the store."""
+    cohort = load_weak_cohort(config)
+    entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds[:1],
+                                       random_baseline=config.random_baseline)
+    def study(entry: EncoderEntry) -> dict[str, Any]:
+        result = weak_labels.weak_label_results(entry, cohort, config, progress=progress)
+        return {"source": entry.source, "weak_labels": result, "headline": weak_labels.headline(result)}
+
+    scored = cells_through_store(entries, study, cohort_digest=cohort.digest, cohort_path=cohort.store.path,
+                                 settings=config.settings_digest(), results=results, place=place)
+    planted = cohort.store.path / "planted.json"
+    summary = {"path": str(cohort.store.path), "num_subjects": len(cohort.subject_ids), "kind": "weak_labels",
+               "planted": read_json(planted) if planted.is_file() else None}
+    return {"kind": "weak_labels", "cohort": summary, "config": dataclasses.asdict(config), "encoders": scored}
 
 
 def model_digests(entry: EncoderEntry) -> dict[int, str]:

@@ -47,7 +47,8 @@ EXAMPLES = {
     "synth": """examples:
   raf synth --out runs/synth                              # 200 subjects at 64^3, planted biases of default.yaml
   raf synth --out runs/big cohort.num_subjects=500 cohort.shape=[96,96,96]
-  raf synth --out runs/noisy cohort.sites.2.noise_std=0.2 cohort.sex_ratio=0.25""",
+  raf synth --out runs/noisy cohort.sites.2.noise_std=0.2 cohort.sex_ratio=0.25
+  raf synth --kind brain --out runs/brain brain_cohort.num_subjects=50 brain_cohort.rater_noise=0.2  # T1/FLAIR/PET""",
     "pretrain": """examples:
   raf pretrain --cohort runs/synth --out runs/pretrain
   raf pretrain --cohort runs/synth --out runs/p2 train.steps=1000 task.options.temperature=0.2
@@ -68,7 +69,10 @@ EXAMPLES = {
       (re-run after adding a checkpoint: only its cells are computed; results in runs/sweep/results.sqlite)
   torchrun --nproc_per_node 4 -m rafmedia.launch.cli evaluate ...     # subjects shared out among 4 ranks
   raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site,sex,age]
-  raf evaluate ... 'evaluate.raf_weights={performance: 2, robustness: 1, fairness: 1}'""",
+  raf evaluate ... 'evaluate.raf_weights={performance: 2, robustness: 1, fairness: 1}'
+  raf evaluate --cohort runs/brain --encoder runs/p/encoder.safetensors --out runs/weak evaluate.weak_labels.enabled=true
+      (small cohorts with one ordinal grade per patient: attention-MIL vs pooled probes with intervals, ordinal heads,
+      label noise, explanation maps scored against planted lesions; docs/weak-labels.md)""",
     "profile": """examples:
   raf profile --cohort runs/synth --out runs/profile                 # the quickstart's settings (data.source=memory)
   raf profile --cohort runs/synth --out runs/profile-stream data.source=stream data.patch_size=48 data.num_workers=1
@@ -162,10 +166,14 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     synth = commands.add_parser("synth", help="write the synthetic reference cohort (zarr store + manifest)",
                                 description="Generate the synthetic cohort (simplified 3D body scans with labels, "
-                                "demographics, per-site acquisition profiles and planted biases) into OUT/cohort.zarr, "
-                                "with manifest.csv and planted.json inside. Re-running resumes; --overwrite starts again.",
+                                "demographics, per-site acquisition profiles and planted biases; or, with --kind brain, "
+                                "T1/FLAIR/PET brain-like subjects with a planted lesion, a rated ordinal grade and "
+                                "missing channels) into OUT/cohort.zarr, with manifest.csv and planted.json inside. "
+                                "Re-running resumes; --overwrite starts again.",
                                 epilog=EXAMPLES["synth"] + "\n\n" + EPILOG_CONFIG, formatter_class=formatter)
     _add_config_arguments(synth, "runs/synth")
+    synth.add_argument("--kind", choices=("body", "brain"), default="body", help="body: the body cohort (config "
+                       "section cohort); brain: the weak-label brain cohort (section brain_cohort). Default: body")
     synth.add_argument("--overwrite", action="store_true", help="delete an existing store first")
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder with a pretext task",

@@ -38,6 +38,7 @@ from rafmedia.shards.ingest import (bad_subjects_error, consolidate, format_cons
 from rafmedia.shards.preprocess import list_intensity_policies
 from rafmedia.shards.store import COHORT_STORE, CohortStore, resolve_store
 from rafmedia.shards.synth import generate_cohort
+from rafmedia.shards.synth_brain import generate_brain_cohort
 from rafmedia.shards.wds_export import export_webdataset
 
 
@@ -50,12 +51,16 @@ def _config(args: argparse.Namespace) -> RafConfig:
     return load_config(args.config, args.overrides)
 
 
+SYNTH_KINDS = {"body": (generate_cohort, "cohort"), "brain": (generate_brain_cohort, "brain_cohort")}
+
+
 def run_synth(args: argparse.Namespace) -> Path:
     config = _config(args)
     out = Path(args.out)
-    store = generate_cohort(config.cohort, store_config=config.store, out=out / COHORT_STORE,
-                            progress=not args.quiet, overwrite=args.overwrite)
-    write_resolved(config, out, ["cohort", "store"])
+    generate, section = SYNTH_KINDS[getattr(args, "kind", "body")]  # the quickstart's namespace has no kind
+    store = generate(getattr(config, section), store_config=config.store, out=out / COHORT_STORE,
+                     progress=not args.quiet, overwrite=args.overwrite)
+    write_resolved(config, out, [section, "store"])
     print(f"cohort: {store.path} ({len(store.subject_ids())} subjects; manifest.csv and planted.json inside)")
     return store.path
 

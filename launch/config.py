@@ -25,6 +25,7 @@ from rafmedia.launch.slurm import SlurmConfig
 from rafmedia.shards.ingest import IngestConfig
 from rafmedia.shards.store import StoreConfig
 from rafmedia.shards.synth import CohortConfig
+from rafmedia.shards.synth_brain import BrainCohortConfig
 from rafmedia.shards.wds_export import ExportConfig
 
 DEFAULT_CONFIG = "default"
@@ -36,6 +37,7 @@ class RafConfig:
     """The whole configuration tree. Each command reads only the slices it needs."""
 
     cohort: CohortConfig = field(default_factory=CohortConfig)
+    brain_cohort: BrainCohortConfig = field(default_factory=BrainCohortConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

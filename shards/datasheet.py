@@ -164,13 +164,19 @@ def geometry(rows: list[Row]) -> dict[str, Any]:
     return out
 
 
-def intensity_histograms(rows: list[Row], read_sample: Callable[[Row], np.ndarray], *, group_by: str | None,
+def intensity_histograms(rows: list[Row], read_sample: Callable[[Row], np.ndarray | None], *, group_by: str | None,
                          bins: int, progress: bool) -> dict[str, Any]:
-    """Normalised histograms of sub-sampled voxels per group, on bins shared by every group."""
+    """Normalised histograms of sub-sampled voxels per group, on bins shared by every group. Subjects without the
+    channel (`read_sample` gives None: a missing modality) are left out and counted."""
     samples: dict[str, list[np.ndarray]] = {}
+    num_without_channel = 0
     for row in tqdm(rows, desc="datasheet voxels", unit="subject", disable=not progress):
         group = _label(row.get(group_by, "")) if group_by else "all"
-        samples.setdefault(group, []).append(np.asarray(read_sample(row), dtype=np.float64).ravel())
+        sample = read_sample(row)
+        if sample is None:
+            num_without_channel += 1
+            continue
+        samples.setdefault(group, []).append(np.asarray(sample, dtype=np.float64).ravel())
     pooled = np.concatenate([v for values in samples.values() for v in values])
     low, high = np.percentile(pooled, [0.5, 99.5])
     edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
@@ -182,7 +188,7 @@ def intensity_histograms(rows: list[Row], read_sample: Callable[[Row], np.ndarra
         groups[group] = {"num_subjects": len(values), "num_voxels": int(voxels.size), "mean": float(voxels.mean()),
                          "std": float(voxels.std()), "p01": float(p01), "median": float(p50), "p99": float(p99),
                          "density": density.tolist()}
-    return {"group_by": group_by, "edges": edges.tolist(), "groups": groups,
+    return {"group_by": group_by, "edges": edges.tolist(), "groups": groups, "num_without_channel": num_without_channel,
             "note": "voxels beyond the shared range are counted in the end bins"}
 
 
@@ -245,5 +251,14 @@ def load_manifest(path: str | Path, *, channel: str,
         raise UserError(f"{path} not found: give a cohort store (or a folder holding {COHORT_STORE}) or a split CSV")
     store = CohortStore(resolve_store(path).resolve())
     region = (slice(None, None, stride),) * 3
-    return (store.read_manifest(), lambda row: store.read(str(row["subject_id"]), channel, region),
-            store.attrs().get("name", store.path.name), store.path / "datasheet")
+    rows = store.read_manifest()
+    # A subject's channel statistics are blank in the manifest when it lacks the channel (a missing modality).
+    if rows and all(row.get(f"{channel}_mean", "") == "" for row in rows):
+        channels = [column.removesuffix("_mean") for column in rows[0] if column.endswith("_mean")]
+        raise UserError(f"--channel: no subject of {store.path} has channel '{channel}';"
+                        f"{did_you_mean(channel, channels)} pass --channel with one of: {', '.join(channels)}")
+
+    def read_sample(row: Row) -> np.ndarray | None:
+        return None if row.get(f"{channel}_mean", "") == "" else store.read(str(row["subject_id"]), channel, region)
+
+    return rows, read_sample, store.attrs().get("name", store.path.name), store.path / "datasheet"

@@ -168,7 +168,9 @@ def _tables(sheet: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
                        ["group", "subjects", "voxels", "mean", "std", "p01", "median", "p99"],
                        [[g, e["num_subjects"], e["num_voxels"], e["mean"], e["std"], e["p01"], e["median"], e["p99"]]
                         for g, e in intensity["groups"].items()],
-                       f"Every {intensity['stride']}th voxel along each axis of channel '{intensity['channel']}'."))
+                       f"Every {intensity['stride']}th voxel along each axis of channel '{intensity['channel']}'."
+                       + (f" {intensity['num_without_channel']} subjects without that channel are left out."
+                          if intensity.get("num_without_channel") else "")))
     return tables
 
 

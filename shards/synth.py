@@ -148,7 +148,8 @@ def severity_from_enlargement(ratio: float, diseased: bool) -> int:
 
 
 # ---- one subject ---------------------------------------------------------------------------------
-def _grid(shape: tuple[int, int, int]) -> np.ndarray:
+def coordinate_grid(shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel-centre coordinates spanning [-1, 1] along each axis, (3, D, H, W)."""
     axes = [np.linspace(-1.0, 1.0, size, dtype=np.float32) for size in shape]
     return np.stack(np.meshgrid(*axes, indexing="ij"))  # (3, D, H, W)
 
@@ -178,7 +179,7 @@ def _render_subject(subject: dict[str, Any], config: CohortConfig, site: SitePro
     """`render_subject`, plus the tissue texture the paired acquisition shares (same anatomy)."""
     rng = np.random.default_rng([config.seed, 1, subject["index"]])
     shape = tuple(config.shape)
-    grid = _grid(shape)
+    grid = coordinate_grid(shape)
     deformation = np.stack([smooth_field(rng, grid) for _ in range(3)]) * 0.04
     points = grid + deformation
     wobble = smooth_field(rng, grid, max_frequency=3.0) * 0.08
@@ -232,7 +233,7 @@ def render_paired_acquisition(subject: dict[str, Any], config: CohortConfig, sit
     largest displacement in voxels).
     """
     rng = np.random.default_rng([config.seed, 2, subject["index"]])
-    grid = _grid(label.shape)
+    grid = coordinate_grid(label.shape)
     clean = np.zeros(label.shape, dtype=np.float32)
     for name, intensity in PAIRED_TISSUE_INTENSITY.items():
         clean[label == LABELS[name]] = intensity
@@ -337,6 +338,12 @@ def _check_same_recipe(store: CohortStore, config: CohortConfig) -> None:
     if recipe["paired_channel"] is None:  # stores made before the paired channel existed keep resuming
         recipe.pop("paired_channel")
         recipe.pop("paired_displacement")
+    check_same_recipe(store, recipe)
+
+
+def check_same_recipe(store: CohortStore, recipe: dict[str, Any]) -> None:
+    """Records `recipe` (a generator config as plain JSON data) in a new store, or refuses to resume a store that
+    another recipe started."""
     existing = store.attrs().get("synth_config")
     if existing is None:
         store.update_attrs({"synth_config": recipe})
