@@ -117,11 +117,17 @@ def localisation_scores(maps: dict[str, np.ndarray], lesions: np.ndarray, brains
     return out
 
 
+def _unit(volume: np.ndarray) -> np.ndarray:
+    low, high = float(volume.min()), float(volume.max())
+    return (volume - low) / (high - low) if high > low else np.zeros_like(volume)
+
+
 def overlay_slices(volumes: dict[str, np.ndarray | None], maps: dict[str, np.ndarray], lesion_DHW: np.ndarray,
                    locations_P3: np.ndarray, patch_size: int, *, subject: str, grade: int, truth: int,
                    digits: int = 3) -> dict[str, Any]:
     """The report's overlay of one patient: the axial slice (axis 0) through the lesion's centre (the middle slice
-    without a lesion) of every channel (None when missing), every voxel map and the lesion mask, rounded."""
+    without a lesion) of every channel (None when missing), every voxel map scaled to [0, 1] over the whole volume,
+    and the lesion mask, rounded to `digits` decimals."""
     shape = lesion_DHW.shape
     z = round(float(np.argwhere(lesion_DHW)[:, 0].mean())) if lesion_DHW.any() else shape[0] // 2
 
@@ -130,5 +136,6 @@ def overlay_slices(volumes: dict[str, np.ndarray | None], maps: dict[str, np.nda
 
     return {"subject_id": subject, "grade": grade, "grade_true": truth, "slice": z,
             "channels": {c: None if v is None else plane(v) for c, v in volumes.items()},
-            "maps": {name: plane(mean_map(values, locations_P3, patch_size, shape)) for name, values in maps.items()},
+            "maps": {name: plane(_unit(mean_map(values, locations_P3, patch_size, shape))) for name, values in
+                     maps.items()},
             "lesion": lesion_DHW[z].astype(int).tolist()}

@@ -227,6 +227,7 @@ def test_raf_evaluate_runs_the_weak_label_study_and_reports_it(weak_run):
     assert study["localisation"]["num_patients"] == with_lesion
     overlay = study["overlays"][0]
     assert len(study["overlays"]) == 4 and np.asarray(overlay["lesion"]).shape == (32, 32)
+    assert all(0 <= np.min(m) and np.max(m) <= 1 for m in overlay["maps"].values())  # scaled to [0, 1] per volume
     page = (out / "report.html").read_text()
     assert "Where the evidence is" in page and page.count("data:image/png") >= 5
     assert "MIL QWK" in (out / "leaderboard.csv").read_text()
