@@ -57,12 +57,7 @@ def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
     latest = {}
     for cell in cells:  # a cell recomputed with other settings replaces the older one in the table
         latest[(cell.encoder, cell.cohort)] = cell
-    # a weak-label cell (evaluate.weak_labels) has no RAF index: its row carries its headline numbers only
-    rows = [{"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source,
-             "RAF": (cell.result.get("raf") or {}).get("index"), "RAF 95% CI": (cell.result.get("raf") or {}).get(
-                 "index_ci95"), **{name: (cell.result.get("raf") or {}).get(name) for name in COMPONENTS},
-             "headline": cell.result.get("headline", {})}
-            for cell in latest.values()]
+    rows = [_row(cell) for cell in latest.values()]
     cohorts = sorted({row["cohort"] for row in rows if row["RAF"] is not None})
     if len(cohorts) > 1:
         for encoder in sorted({row["encoder"] for row in rows if row["RAF"] is not None}):
@@ -76,6 +71,14 @@ def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
         group = sorted((row for row in rows if row["cohort"] == cohort), key=lambda row: -_sortable(row["RAF"]))
         ranked += [{"rank": rank, **row} for rank, row in enumerate(group, start=1)]
     return ranked
+
+
+def _row(cell) -> dict[str, Any]:
+    """A cell's row; a weak-label cell (evaluate.weak_labels) has no RAF index, so its row carries its headline only."""
+    raf = cell.result.get("raf") or {}
+    return {"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source, "RAF": raf.get("index"),
+            "RAF 95% CI": raf.get("index_ci95"), **{name: raf.get(name) for name in COMPONENTS},
+            "headline": cell.result.get("headline", {})}
 
 
 def _sortable(value: float) -> float:

@@ -60,15 +60,22 @@ def pointing_point(map_DHW: np.ndarray, brain_DHW: np.ndarray) -> np.ndarray:
     return tied[np.argmin(((tied - centroid) ** 2).sum(axis=1))]
 
 
+def near_lesion(lesion_DHW: np.ndarray, tolerance: float) -> np.ndarray:
+    """The voxels within `tolerance` voxels of the lesion (Euclidean): where a pointing game counts a hit."""
+    return ndimage.distance_transform_edt(~lesion_DHW) <= tolerance
+
+
 def pointing_hit(map_DHW: np.ndarray, lesion_DHW: np.ndarray, brain_DHW: np.ndarray, tolerance: float) -> bool:
-    distance = ndimage.distance_transform_edt(~lesion_DHW)
-    return bool(distance[tuple(pointing_point(map_DHW, brain_DHW))] <= tolerance)
+    return bool(near_lesion(lesion_DHW, tolerance)[tuple(pointing_point(map_DHW, brain_DHW))])
 
 
 def pointing_chance(lesion_DHW: np.ndarray, brain_DHW: np.ndarray, tolerance: float) -> float:
     """The hit rate of a point drawn uniformly in the brain."""
-    near = ndimage.distance_transform_edt(~lesion_DHW) <= tolerance
-    return float((near & brain_DHW).sum() / max(int(brain_DHW.sum()), 1))
+    return _share_in_brain(near_lesion(lesion_DHW, tolerance), brain_DHW)
+
+
+def _share_in_brain(near_DHW: np.ndarray, brain_DHW: np.ndarray) -> float:
+    return float((near_DHW & brain_DHW).sum() / max(int(brain_DHW.sum()), 1))
 
 
 def voxel_auroc(map_DHW: np.ndarray, lesion_DHW: np.ndarray, brain_DHW: np.ndarray) -> float:
@@ -91,15 +98,16 @@ def localisation_scores(maps: dict[str, np.ndarray], lesions: np.ndarray, brains
     pointing rate is also given per grade (small lesions are harder to point at)."""
     with_lesion = np.flatnonzero(lesions.reshape(len(lesions), -1).any(axis=1))
     shape = lesions.shape[1:]
-    chance = np.array([pointing_chance(lesions[i], brains[i], tolerance) for i in with_lesion])
-    uniform = np.full(len(locations_P3), 1.0 / len(locations_P3))
-    uniform_mass = np.array([mass_map(uniform, locations_P3, patch_size, shape)[lesions[i]].sum() for i in with_lesion])
+    near = {i: near_lesion(lesions[i], tolerance) for i in with_lesion}  # one distance transform per patient
+    chance = np.array([_share_in_brain(near[i], brains[i]) for i in with_lesion])
+    uniform = mass_map(np.full(len(locations_P3), 1.0 / len(locations_P3)), locations_P3, patch_size, shape)
+    uniform_mass = np.array([uniform[lesions[i]].sum() for i in with_lesion])
     out: dict[str, Any] = {"num_patients": len(with_lesion), "tolerance_voxels": tolerance}
     if not len(with_lesion):
         return out
     for name, values_NP in maps.items():
         voxel_maps = [mean_map(values_NP[i], locations_P3, patch_size, shape) for i in with_lesion]
-        hits = np.array([pointing_hit(m, lesions[i], brains[i], tolerance) for m, i in zip(voxel_maps, with_lesion)])
+        hits = np.array([near[i][tuple(pointing_point(m, brains[i]))] for m, i in zip(voxel_maps, with_lesion)])
         aurocs = np.array([voxel_auroc(m, lesions[i], brains[i]) for m, i in zip(voxel_maps, with_lesion)])
         scores = {"pointing": {**_interval(hits, resamples=resamples, seed=seed), "chance": float(chance.mean())},
                   "auroc": {**_interval(aurocs, resamples=resamples, seed=seed), "chance": 0.5}}

@@ -57,13 +57,24 @@ def compute_balanced_accuracy(*, y_true: Sequence[int], y_pred: Sequence[int]) -
 def bootstrap_ci(metric: Callable[[np.ndarray], float], num_items: int, *, seed: int, num_resamples: int = 500,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of `metric(indices)` resampling items (subjects) with replacement."""
+    return bootstrap_cis(lambda indices: {"value": metric(indices)}, num_items, seed=seed,
+                         num_resamples=num_resamples, level=level)["value"]
+
+
+def bootstrap_cis(metrics: Callable[[np.ndarray], dict[str, float]], num_items: int, *, seed: int,
+                  num_resamples: int = 500, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """`bootstrap_ci` of several metrics on the same resamples: `metrics(indices)` gives every metric at once, so
+    each resample is scored once. A metric finite in fewer than half the resamples gets (NaN, NaN)."""
     rng = np.random.default_rng(seed)
-    values = np.array([metric(rng.integers(0, num_items, num_items)) for _ in range(num_resamples)])
-    values = values[np.isfinite(values)]
-    if len(values) < num_resamples // 2:
-        return float("nan"), float("nan")
+    draws = [metrics(rng.integers(0, num_items, num_items)) for _ in range(num_resamples)]
     alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    intervals = {}
+    for name in draws[0] if draws else []:
+        values = np.array([draw[name] for draw in draws], dtype=float)
+        values = values[np.isfinite(values)]
+        intervals[name] = ((float("nan"), float("nan")) if len(values) < num_resamples // 2 else
+                           (float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))))
+    return intervals
 
 
 def frechet_distance(emb_x_ND: np.ndarray, emb_y_MD: np.ndarray) -> float:

@@ -208,9 +208,9 @@ def inflate_input_channels(encoder: nn.Module, num_channels: int) -> nn.Module:
     stack of identical channels gives the original output. Early fusion with an encoder pretrained on one channel."""
     inflated = copy.deepcopy(encoder)
     first = next((m for m in inflated.modules() if isinstance(m, (nn.Conv3d, nn.Conv2d))), None)
-    if first is None or first.in_channels == num_channels:
-        if first is None:
-            raise UserError("early fusion needs an encoder whose first layer is a convolution; use fusion 'late'")
+    if first is None:
+        raise UserError("early fusion needs an encoder whose first layer is a convolution; use fusion 'late'")
+    if first.in_channels == num_channels:
         return inflated
     if first.in_channels != 1 or first.groups != 1:
         raise UserError(f"early fusion can inflate a one-channel encoder only; this one takes {first.in_channels} "

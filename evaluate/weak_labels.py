@@ -41,7 +41,7 @@ from rafmedia.core.errors import UserError
 from rafmedia.evaluate.config import EvaluateConfig, WeakLabelsConfig
 from rafmedia.evaluate.encoder_entries import RANDOM_SOURCE, EncoderEntry
 from rafmedia.evaluate.localisation import localisation_scores, overlay_slices
-from rafmedia.evaluate.metrics import bootstrap_ci, compute_balanced_accuracy
+from rafmedia.evaluate.metrics import bootstrap_ci, bootstrap_cis, compute_balanced_accuracy
 from rafmedia.evaluate.mil import bag_names, inflate_input_channels, late_fusion_bags
 from rafmedia.evaluate.probes import create_probe, quadratic_weighted_kappa, spearman
 from rafmedia.evaluate.results import digest
@@ -255,19 +255,14 @@ def _seed_mean(y_N: np.ndarray, run: CrossValidated, num_grades: int, index: np.
 
 
 def scored(y_N: np.ndarray, run: CrossValidated, num_grades: int, *, resamples: int, seed: int) -> dict[str, Any]:
-    """Every metric's mean over seeds with a patient-bootstrap 95% interval, and the per-seed values.
-
-    The resamples are those of `metrics.bootstrap_ci` with the same seed (patients drawn with replacement), shared
-    by the four metrics so each resample is scored once."""
-    rng = np.random.default_rng(seed)
-    draws = [_seed_mean(y_N, run, num_grades, rng.integers(0, len(y_N), len(y_N))) for _ in range(resamples)]
+    """Every metric's mean over seeds with a patient-bootstrap 95% interval (`metrics.bootstrap_cis`: the four metrics
+    on the same resampled patients), and the per-seed values."""
+    intervals = bootstrap_cis(lambda idx: _seed_mean(y_N, run, num_grades, idx), len(y_N), seed=seed,
+                              num_resamples=resamples)
     result: dict[str, Any] = {"per_seed": [ordinal_values(y_N, p, s, num_grades)
                                            for p, s in zip(run.predictions, run.scores)]}
     for metric, value in _seed_mean(y_N, run, num_grades, np.arange(len(y_N))).items():
-        values = np.array([draw[metric] for draw in draws])
-        values = values[np.isfinite(values)]
-        low, high = (np.quantile(values, [0.025, 0.975]).tolist() if len(values) >= resamples // 2
-                     else (float("nan"), float("nan")))
+        low, high = intervals[metric]
         result[metric] = {"mean": value, "low": low, "high": high}
     return result
 
@@ -354,7 +349,8 @@ def weak_label_results(entry: EncoderEntry, cohort: WeakCohort, config: Evaluate
     pooled = pooled_features(patches, cohort)
     y, k = cohort.grades, cohort.num_grades
     resamples, seed0 = weak.bootstrap_resamples, weak.seeds[0]
-    main_bags = bags[bag_names([weak.fusion], cohort.channels)[0]][0]
+    main_name = bag_names([weak.fusion], cohort.channels)[0]
+    main_bags = bags[main_name][0]
     runs_per_cv = len(weak.seeds) * weak.folds
     total = runs_per_cv * (2 + (len(weak.heads) * 2 + len(names) - 1 + 2 * len(weak.noise_levels) + 2 * weak.curriculum
                                 if ablations else 0))
@@ -383,8 +379,8 @@ def weak_label_results(entry: EncoderEntry, cohort: WeakCohort, config: Evaluate
     if cohort.truth is not None:
         result["vs_truth"] = {MIL: score(mil_run, cohort.truth), POOLED: score(pooled_run, cohort.truth)}
     if ablations:
-        result["ablations"] = ablation_results(bags, pooled, cohort, weak, config, decay=decay, main=mil_run, cv=cv,
-                                               score=score, bar=bar)
+        result["ablations"] = ablation_results(bags, pooled, cohort, weak, config, main_name=main_name, decay=decay,
+                                               main=mil_run, cv=cv, score=score, bar=bar)
     bar.close()
     if cohort.has_masks:
         result["localisation"], result["overlays"] = localisation_results(mil_run, main_bags, cohort, grid, weak)
@@ -392,10 +388,12 @@ def weak_label_results(entry: EncoderEntry, cohort: WeakCohort, config: Evaluate
 
 
 def ablation_results(bags, pooled: np.ndarray, cohort: WeakCohort, weak: WeakLabelsConfig, config: EvaluateConfig,
-                     *, decay: float, main: CrossValidated, cv, score, bar: tqdm | None = None) -> dict[str, Any]:
-    """Heads (with and without smoothing), fusions, the rater-noise curve and the curriculum, at weight decay `decay`."""
+                     *, main_name: str, decay: float, main: CrossValidated, cv, score, bar: tqdm | None = None
+                     ) -> dict[str, Any]:
+    """Heads (with and without smoothing), fusions, the rater-noise curve and the curriculum, at weight decay `decay`;
+    `main` is the main run, on the bags `main_name`."""
     y, k = cohort.grades, cohort.num_grades
-    main_bags = bags[bag_names([weak.fusion], cohort.channels)[0]][0]
+    main_bags = bags[main_name][0]
     heads = {}
     for head in weak.heads:
         for smoothing in (0.0, weak.label_smoothing):
@@ -405,7 +403,7 @@ def ablation_results(bags, pooled: np.ndarray, cohort: WeakCohort, weak: WeakLab
             heads[name] = score(run)
     fusions = {}
     for name, (bag_NPF, members) in bags.items():
-        run = main if name == bag_names([weak.fusion], cohort.channels)[0] else cv(
+        run = main if name == main_name else cv(
             mil_predictor(bag_NPF, y[members], weak, k, head=weak.head, weight_decay=decay), y[members])
         fusions[name] = {**scored(y[members], run, k, resamples=weak.bootstrap_resamples, seed=weak.seeds[0]),
                          "num_patients": len(members)}

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from rafmedia.core.render import (Markup, bold, flag, format_value, html_image, html_note, html_page, html_table,
-                                  markdown_table, png, subplots)
+from rafmedia.core.render import (Markup, bold, flag, format_interval, format_value, html_image, html_note, html_page,
+                                  html_table, markdown_table, png, subplots)
 
 PROBE_TITLES = {"attention_mil": "attention MIL", "pooled": "one embedding per scan"}
 MAP_TITLES = {"attention": "MIL attention", "occlusion": "occlusion", "anomaly": "kNN anomaly"}
@@ -24,8 +24,7 @@ def interval_text(value: dict[str, Any] | None, key: str = "mean") -> str:
     """"value [low, high]" of a {mean|rate, low, high} summary."""
     if not isinstance(value, dict):
         return format_value(value)
-    return f"{format_value(value.get(key, value.get('rate')))} [{format_value(value.get('low'))}, " \
-           f"{format_value(value.get('high'))}]"
+    return f"{format_value(value.get(key, value.get('rate')))} {format_interval([value.get('low'), value.get('high')])}"
 
 
 def _studies(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

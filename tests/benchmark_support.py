@@ -1,14 +1,10 @@
-"""Loads a script of benchmarks/ as a module (they are scripts, not a package), for the tests that run them."""
-import importlib.util
+"""Loads a script of benchmarks/ as a module (they are scripts, not a package), for the tests that run them: the
+loader is the one benchmarks/gpu_check.py uses for the same purpose, imported from the scripts' folder."""
 import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.append(str(BENCHMARKS))  # appended: a script never shadows an installed package
+from gpu_check import load_benchmark  # a script of benchmarks/, importable once its folder is on the path
 
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+__all__ = ["BENCHMARKS", "load_benchmark"]
