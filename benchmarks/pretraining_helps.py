@@ -174,10 +174,15 @@ def channels_of(store, subject_id: str) -> list[str]:
 
 # ---- pretraining on the pool -----------------------------------------------------------------------
 def pretrain_on_pool(task: str, settings: TaskSettings, *, store, pool_ids: list[str], out_dir: Path,
-                     seed: int = 0) -> tuple[torch.nn.Module, float | None]:
-    """`pretrain_encoder`'s memory path, fed the pool's volumes only. Returns (trained encoder, final loss)."""
+                     seed: int = 0, monitor_every: int = 0,
+                     monitor_subjects: int = 32) -> tuple[torch.nn.Module, float | None]:
+    """`pretrain_encoder`'s memory path, fed the pool's volumes only. Returns (trained encoder, final loss).
+
+    `monitor_every` > 0 logs the collapse / site-shortcut monitors (`rafmedia.engine.monitors`) of a fixed set of
+    `monitor_subjects` pool subjects to out_dir/metrics.jsonl every so many steps."""
     from rafmedia.engine.batches import DataConfig, view_batches
     from rafmedia.engine.encoders import EncoderConfig, create_encoder
+    from rafmedia.engine.monitors import build_monitor
     from rafmedia.engine.pretrain import load_task_inputs, validate_pretraining
     from rafmedia.engine.tasks import TaskConfig, create_task, task_data_kind
     from rafmedia.engine.train import TrainConfig, train
@@ -187,7 +192,7 @@ def pretrain_on_pool(task: str, settings: TaskSettings, *, store, pool_ids: list
     train_config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
                                warmup_steps=min(settings.warmup_steps, settings.steps // 4),
                                checkpoint_every=settings.steps, log_every=max(1, settings.steps // 10),
-                               tensorboard=False)
+                               tensorboard=False, monitor_every=monitor_every, monitor_subjects=monitor_subjects)
     encoder_config = EncoderConfig(name=settings.encoder, options=settings.encoder_options)
     validate_pretraining(data, encoder_config, TaskConfig(name=task, options=settings.options), train_config)
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: train() would resume a finished one and skip it
@@ -196,7 +201,9 @@ def pretrain_on_pool(task: str, settings: TaskSettings, *, store, pool_ids: list
     pretext = create_task(task, encoder=model, **settings.options)
     volumes = load_task_inputs(store, pool_ids, data, kind, progress=False)
     batches = view_batches(volumes, pretext.views, batch_size=settings.batch_size, seed=seed)
-    result = train(pretext, batches, config=train_config, out_dir=out_dir, progress=False)
+    monitor = build_monitor(store, every=monitor_every, count=monitor_subjects, seed=seed, subject_ids=pool_ids,
+                            num_classes=getattr(pretext, "num_classes", None) if kind == "label" else None)
+    result = train(pretext, batches, config=train_config, out_dir=out_dir, progress=False, monitor=monitor)
     encoder = result.ema if result.ema is not None else model
     return encoder.cpu().eval(), (result.losses[-1] if result.losses else None)
 

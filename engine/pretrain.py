@@ -14,9 +14,11 @@ import torch
 from rafmedia.core.errors import UserError
 from rafmedia.engine.accounting import Footprint
 from rafmedia.engine.batches import DataConfig, StreamBatches, view_batches
+from rafmedia.engine.card import encoder_input_size, trained_card
 from rafmedia.engine.distributed import Place, barrier, place_from_environment
 from rafmedia.engine.encoders import EncoderConfig, create_encoder
 from rafmedia.engine.export import export_encoder
+from rafmedia.engine.monitors import pretraining_monitor
 from rafmedia.engine.tasks import TaskConfig, check_compatible, create_task, task_data_kind
 from rafmedia.engine.train import TrainConfig, train
 from rafmedia.shards.store import CohortStore
@@ -77,8 +79,11 @@ def pretrain_encoder(*, data: DataConfig, encoder: EncoderConfig, task: TaskConf
     pretext = create_task(task.name, encoder=model, **task.options)
     footprint = Footprint()  # from before the data is read
     batches = build_batches(data, kind, pretext.views, train_config, place, progress)
+    monitor = pretraining_monitor(data, kind=kind, num_classes=getattr(pretext, "num_classes", None),
+                                  every=train_config.monitor_every, count=train_config.monitor_subjects,
+                                  seed=train_config.seed) if place.is_main else None
     result = train(pretext, batches, config=train_config, out_dir=out_dir, progress=progress, place=place,
-                   store=data.cohort, footprint=footprint)
+                   store=data.cohort, footprint=footprint, monitor=monitor)
     weights = out_dir / ENCODER_FILE
     if place.is_main:
         store = CohortStore(data.cohort)
@@ -86,12 +91,12 @@ def pretrain_encoder(*, data: DataConfig, encoder: EncoderConfig, task: TaskConf
         export_encoder(result.ema if result.ema is not None else exported, weights, architecture=encoder.name,
                        options=encoder.options, card={
                            "name": f"{task.name} {encoder.name}", "task": task.name, "task_options": task.options,
-                           "data": {"cohort": str(store.path), "num_subjects": len(store.subject_ids()),
-                                    "input": kind, "channels": data.channels or [data.channel], "source": data.source},
                            "steps": train_config.steps, "train": dataclasses.asdict(train_config),
                            "weights": "ema" if result.ema is not None else "final" if exported is model else "teacher",
                            "world_size": place.world_size,
-                           "final_loss": result.losses[-1] if result.losses else None})
+                           "final_loss": result.losses[-1] if result.losses else None,
+                           **trained_card(store, data=data, encoder=encoder, task=task, train_config=train_config,
+                                          kind=kind, input_size=encoder_input_size(model, pretext.views))})
         if hasattr(pretext, "export_extra"):
             pretext.export_extra(out_dir)
     barrier()

@@ -31,6 +31,7 @@ from rafmedia.engine.accounting import (Footprint, StepClock, batch_voxels, devi
 from rafmedia.engine.batches import as_batch_source
 from rafmedia.engine.distributed import (Place, StopVote, device_for, gather_objects, init_distributed,
                                          mean_across_ranks, place_from_environment)
+from rafmedia.engine.monitors import EmbeddingMonitor
 from rafmedia.engine.wrappers import PRECISIONS, WRAPPERS, create_wrapper
 from rafmedia.shards.store import CohortStore
 
@@ -61,6 +62,8 @@ class TrainConfig:
     profile_steps: int = 0  # > 0: torch.profiler traces this many steps (after profile_start) to out_dir/profile
     profile_start: int = 5  # steps run (in this call) before the first profiled one
     count_flops: bool | None = None  # count a step's model FLOPs once (TFLOP/s, MFU); None: on CUDA only
+    monitor_every: int = 50  # collapse / site-shortcut monitors every N steps and on the last (0: off; monitors.py)
+    monitor_subjects: int = 32  # size of the fixed, seeded monitor set read from the cohort store
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -78,6 +81,13 @@ class TrainConfig:
         if self.profile_steps < 0 or self.profile_start < 1:
             raise UserError(f"train.profile_steps must be >= 0 and train.profile_start >= 1, got "
                             f"{self.profile_steps} and {self.profile_start}")
+        if self.monitor_every < 0 or self.monitor_subjects < 4:
+            raise UserError(f"train.monitor_every must be >= 0 (0 turns the monitors off) and train.monitor_subjects "
+                            f">= 4, got {self.monitor_every} and {self.monitor_subjects}")
+
+    def monitor_due(self, step: int, last: bool) -> bool:
+        """Whether the monitors run after `step` (the same answer on every rank: it decides a collective)."""
+        return self.monitor_every > 0 and (step % self.monitor_every == 0 or last)
 
 
 @dataclass
@@ -148,7 +158,10 @@ class MetricLogger:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key != "step":
+                if isinstance(value, dict):  # the monitor's record: monitor/rankme, monitor/site_leakage, ...
+                    for name, scalar in value.items():
+                        self.writer.add_scalar(f"{key}/{name}", float(scalar), record["step"])
+                elif key != "step":
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
 
     def close(self) -> None:
@@ -188,13 +201,14 @@ def _as_float(value: Any) -> float:
 
 def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progress: bool = True,
           place: Place | None = None, store: str | Path | None = None,
-          footprint: Footprint | None = None) -> TrainResult:
+          footprint: Footprint | None = None, monitor: EmbeddingMonitor | None = None) -> TrainResult:
     """Runs (or resumes) pretraining of `task` and returns the losses of the steps run in this call.
 
     `batches` is a batch source (`rafmedia.engine.batches`) or a pure function of the micro-step. Under torchrun
     or the deepspeed launcher every rank calls this with its own source (its share of the data). `store`, the
     cohort store read, puts its size against its sources' into the run's footprint.json; `footprint`, made before
-    the data was loaded, counts the load too (default: from this call on).
+    the data was loaded, counts the load too (default: from this call on). `monitor` (rank 0's; None elsewhere or
+    when off) measures `task.encoder` on the steps `config.monitor_due` names, logged under "monitor".
     """
     config.validate()
     if config.num_threads > 0:
@@ -210,7 +224,7 @@ def train(task: nn.Module, batches, *, config: TrainConfig, out_dir: Path, progr
                              place=place, device=device)
     try:
         return _run(task, wrapper, batches, config, Path(out_dir), progress, place, device, store,
-                    footprint or Footprint())
+                    footprint or Footprint(), monitor)
     finally:
         wrapper.close()
 
@@ -244,7 +258,7 @@ class LossBuffer:
 
 
 def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: bool, place: Place,
-         device: torch.device, store, footprint: Footprint) -> TrainResult:
+         device: torch.device, store, footprint: Footprint, monitor: EmbeddingMonitor | None) -> TrainResult:
     ema = build_ema(task, config)
     source = as_batch_source(batches)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,12 +304,15 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
                 flops = step_flops(task, batch, dtype=wrapper.dtype, micro_steps=config.grad_accum_steps)
             stopping = vote.vote(stop.signal_name is not None)
             last = step + 1 == config.steps
-            log_due = step % config.log_every == 0 or last
+            monitor_due = config.monitor_due(step, last)
+            log_due = step % config.log_every == 0 or last or monitor_due
             checkpoint_due = config.checkpoint_every > 0 and (step + 1) % config.checkpoint_every == 0
             if log_due or checkpoint_due or stopping or last:
                 losses.settle()
             if log_due:
                 logs = {key: round(sum(_as_float(o[key]) for o in outputs) / len(outputs), 6) for key in outputs[0]}
+                if monitor_due and monitor is not None and place.is_main:
+                    logs["monitor"] = monitor.measure(task.encoder, step)
                 logger.log({"step": step, **logs, "loss": losses.losses[-1], "lr": wrapper.lr(),
                             "grad_norm": _as_float(grad_norm),
                             **clock.record(samples_per_step=config.batch_size * config.grad_accum_steps,

@@ -10,11 +10,13 @@ from typing import Any
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import unknown_name_error
 from rafmedia.evaluate import raf
+from rafmedia.evaluate.finetune import AUGMENTATIONS
 from rafmedia.evaluate.group_metrics import classification_metrics
 from rafmedia.evaluate.latent import list_latent_tests
 from rafmedia.evaluate.mil import MIL_FUSIONS
 from rafmedia.evaluate.ordinal_heads import list_ordinal_heads
-from rafmedia.evaluate.probes import categorical_probes, list_probes
+from rafmedia.evaluate.probes import PROBES, categorical_probes, list_probes, volume_adaptors
+from rafmedia.evaluate.registration import RegistrationConfig
 from rafmedia.evaluate.results import digest
 from rafmedia.shards.alterations import alteration_seed, create_alteration
 
@@ -92,6 +94,56 @@ class WeakLabelsConfig:
             raise UserError(f"evaluate.weak_labels.weight_decay_grid must list values >= 0, got {self.weight_decay_grid}")
 
 
+SHARED_BUDGET = ("steps", "batch_size", "augmentation", "threads", "seed")  # per protocol, never per adaptor
+DEFAULT_ADAPTORS = ["logistic", "knn", "mlp", "finetune_partial", "finetune_full", "lora"]
+
+
+@dataclass
+class AdaptorsConfig:
+    """`evaluate.adaptors`: the adaptor protocol (`rafmedia.evaluate.adaptors`, docs/evaluation.md); off unless
+    `enabled`. Every adaptor x label budget x seed on the primary target, with 95% intervals over seeds."""
+
+    enabled: bool = False
+    adaptors: list[str] = field(default_factory=lambda: list(DEFAULT_ADAPTORS))  # registered probes (raf list probes)
+    budgets: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # label fractions of the training split
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # each: its own label subset and initialisation
+    steps: int = 50  # the compute budget of every volume adaptor: AdamW steps x batch_size volumes
+    batch_size: int = 8
+    augmentation: str = "flips"  # none or flips, the same for every volume adaptor
+    threads: int = 1  # torch threads per fit on the CPU (0: torch's default)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # by adaptor: its factory options (lr, rank, ...)
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        allowed = [*categorical_probes(), *volume_adaptors()]
+        if not self.adaptors:
+            raise UserError(f"evaluate.adaptors.adaptors is empty: name at least one of {', '.join(allowed)}")
+        for name in [*self.adaptors, *self.options]:
+            if name not in allowed:
+                raise unknown_name_error("evaluate.adaptors adaptor (a probe for binary targets)", name, allowed)
+        for name, options in self.options.items():
+            shared = sorted(set(options) & set(SHARED_BUDGET))
+            if shared:
+                raise UserError(f"evaluate.adaptors.options.{name} sets {shared}: the compute budget and the seeds are "
+                                f"the same for every adaptor; set evaluate.adaptors.<key> instead")
+            accepted = PROBES.options(name)
+            unknown = sorted(set(options) - accepted) if accepted is not None else []
+            if unknown:
+                raise UserError(f"evaluate.adaptors.options.{name} has unknown option(s) {unknown}; {name} takes "
+                                f"{', '.join(sorted(accepted))}")
+        if not self.budgets or any(not 0 < budget <= 1 for budget in self.budgets):
+            raise UserError(f"evaluate.adaptors.budgets must list label fractions in (0, 1] (e.g. [0.01, 0.1, 1.0]); "
+                            f"got {self.budgets}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"evaluate.adaptors.seeds must list distinct seeds (e.g. [0, 1, 2, 3, 4]); got {self.seeds}")
+        if self.steps < 1 or self.batch_size < 1 or self.threads < 0:
+            raise UserError(f"evaluate.adaptors needs steps >= 1, batch_size >= 1 and threads >= 0; got "
+                            f"steps={self.steps}, batch_size={self.batch_size}, threads={self.threads}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise unknown_name_error("evaluate.adaptors.augmentation", self.augmentation, AUGMENTATIONS)
+
+
 @dataclass
 class EvaluateConfig:
     """What to score and how."""
@@ -113,6 +165,8 @@ class EvaluateConfig:
     ordinal_targets: list[str] = field(default_factory=list)  # graded columns: ordinal probe, QWK and Spearman
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     weak_labels: WeakLabelsConfig = field(default_factory=WeakLabelsConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)  # breathing pairs (docs/paired.md)
+    adaptors: AdaptorsConfig = field(default_factory=AdaptorsConfig)
     c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     bootstrap_resamples: int = 500
     permutations: int = 1000  # label shuffles of each fairness gap's permutation test
@@ -142,6 +196,12 @@ class EvaluateConfig:
         self.weights().normalised()
         self.segmentation.validate()
         self.weak_labels.validate()
+        if self.registration.enabled:
+            self.registration.validate()
+            if self.weak_labels.enabled:
+                raise UserError("evaluate.registration and evaluate.weak_labels are each a study of their own: "
+                                "enable one of them per run")
+        self.adaptors.validate()
         if any(not 0 < fraction <= 1 for fraction in self.few_shot):
             raise UserError(f"evaluate.few_shot fractions must be in (0, 1], got {self.few_shot}")
         if self.num_workers < 0:

@@ -3,7 +3,8 @@
 `load_any_encoder(spec, weights=..., options=...)` returns `(module, info)`; the module honours the encoder
 contract of `rafmedia.engine.encoders.base` (`forward(x_BCDHW) -> (B, embed_dim)`, an int `embed_dim`). Specs:
 
-- `path/encoder.safetensors` (or `rafmedia:path`): an exported encoder with its `.card.json` (`load_encoder`);
+- `path/encoder.safetensors` (or `rafmedia:path`): an exported encoder with its `.card.json` (`load_encoder`), or
+  a folder in the Hugging Face layout of `raf export --hf` (its config.json is the card);
 - `timm:NAME` + weights: a timm 2D model (`timm.create_model(NAME, pretrained=False, num_classes=0, in_chans=...)`)
   run per slice through the `timm2d_slices` adapter (options `axis`, `neighbours`, `in_channels`; others go to
   timm); a classifier in the weights file (timm's `pretrained_cfg["classifier"]`) is dropped and reported;
@@ -30,9 +31,10 @@ import json
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from monai.networks import nets
@@ -42,7 +44,7 @@ from torch import nn
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import Registry, did_you_mean, unknown_name_error
 from rafmedia.engine.encoders.transformers import Timm2dSlices
-from rafmedia.engine.export import card_path, load_encoder
+from rafmedia.engine.export import export_files, is_hf_export, load_encoder
 
 LOADER_OPTIONS = ("input_shape", "output_index", "feature_pool", "state_dict_key")
 FEATURE_POOLS = ("mean", "max")
@@ -92,7 +94,7 @@ def load_any_encoder(spec: str, *, weights: str | None = None,
     if source == "rafmedia":
         if weights is not None and Path(weights) != Path(target):
             raise UserError(f"'{spec}' is an exported encoder and carries its own weights; drop weights={weights!r}")
-        weights = target
+        weights = export_files(target)[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)  # a module built without weights is the same module every time
         built = ENCODER_SOURCES.get(source)(target, options=options)
@@ -121,12 +123,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
     prefix, _, rest = spec.partition(":")
     if rest and prefix in ENCODER_SOURCES:
         return prefix, rest
-    if spec.endswith(".safetensors"):
+    if spec.endswith(".safetensors") or is_hf_export(spec):
         return "rafmedia", spec
     if _IMPORT_PATH.match(spec):
         return "module", spec
     hint = did_you_mean(prefix, ENCODER_SOURCES.names()) if rest else ""
-    raise UserError(f"encoder spec '{spec}' is not one of: a path to an exported '.safetensors' encoder, 'timm:NAME', "
+    raise UserError(f"encoder spec '{spec}' is not one of: a path to an exported '.safetensors' encoder (or its "
+                    "`raf export --hf` folder), 'timm:NAME', "
                     f"'monai:NAME' or 'package.module:factory';{hint} (sources: {', '.join(list_encoder_sources())})")
 
 
@@ -139,7 +142,7 @@ def create_rafmedia_source(target: str, *, options: dict) -> BuiltEncoder:
                       "fixes the architecture", stacklevel=3)
     encoder, card = load_encoder(target)
     return BuiltEncoder(encoder, weights_into=None, info={"architecture": card.get("architecture")},
-                        digest_files=(card_path(target),))
+                        digest_files=(export_files(target)[1],))
 
 
 @ENCODER_SOURCES.register("timm")
@@ -254,7 +257,7 @@ def read_state_dict(path: str | Path, *, entry: str | None = None) -> tuple[dict
 
 
 def _pickle_reason(message: str) -> str:
-    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|\n\n|$)", message, re.S)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|\n\n|$)", message, re.DOTALL)
     return " ".join((found.group(1) if found else "unpickling refused").split())[:200]
 
 

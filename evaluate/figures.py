@@ -249,6 +249,37 @@ def rca_figure(report: dict[str, Any]) -> bytes | None:
     return png(fig)
 
 
+def adaptor_figure(report: dict[str, Any]) -> bytes | None:
+    """AUROC against the label budget, one line per applicable adaptor with its 95% interval over seeds as error
+    bars, one panel per encoder with an adaptor block; None when no encoder has one."""
+    panels = [(name, block) for name, entry in report["encoders"].items()
+              if isinstance(block := entry.get("adaptors"), dict) and block.get("budgets")]
+    if not panels:
+        return None
+    fig, axes = subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (name, block) in zip(axes[0], panels):
+        budgets = block["budgets"]
+        x = _floats([float(budget) for budget in budgets])
+        for adaptor, result in (block.get("results") or {}).items():
+            if not result.get("applicable", True):
+                continue
+            values = [lookup(result, "budgets", budget, "auroc", "mean") for budget in budgets]
+            errors = interval_errors(values, [lookup(result, "budgets", budget, "auroc", "ci95") for budget in budgets])
+            ax.errorbar(x, _floats(values), yerr=errors, marker="o", capsize=3, label=adaptor)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{float(budget):.0%}" for budget in budgets])
+        ax.axhline(0.5, color="grey", lw=1, ls="--")
+        ax.set_ylim(0, 1.05)
+        ax.minorticks_off()
+        ax.set_xlabel("labelled share of the training split")
+        ax.set_title(f"{name}\nAUROC by label budget (95% CI over seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("AUROC")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
 def summary_figure(report: dict[str, Any]) -> bytes:
     """One picture of the report (RAF components, degradation, per-site accuracy) for the README."""
     encoders = report["encoders"]

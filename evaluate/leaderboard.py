@@ -2,7 +2,8 @@
 
 The Markdown table (also printed) holds the ranking; the CSV and HTML tables add every headline number the cells
 carry (each group metric's gap per attribute, each probe's AUROC, the latent tests), so a newly registered metric,
-probe or latent test appears there with no edit here.
+probe or latent test appears there with no edit here. Every row carries the licence of the encoder's weights, from
+its card (`encoder.licence` at pretraining; "unknown" for sources without a card or a card without it).
 """
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from typing import Any
 import numpy as np
 
 from rafmedia.core.errors import UserError
-from rafmedia.core.files import atomic_write_text
+from rafmedia.core.files import atomic_write_text, read_json
+from rafmedia.engine.export import export_files
+from rafmedia.evaluate.encoder_entries import RANDOM_SOURCE
 from rafmedia.evaluate.raf import COMPONENTS, RAF_FORMULA
 from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
 
-COLUMNS = ["rank", "encoder", "cohort", "RAF", "RAF 95% CI", "performance", "robustness", "fairness", "source"]
+COLUMNS = ["rank", "encoder", "cohort", "RAF", "RAF 95% CI", "performance", "robustness", "fairness", "licence",
+           "source"]
+RANDOM_WEIGHTS_LICENCE = "none (random weights)"
 
 
 def find_stores(patterns: list[str]) -> list[Path]:
@@ -64,6 +69,7 @@ def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
             mine = [row for row in rows if row["encoder"] == encoder and row["RAF"] is not None]
             if len(mine) == len(cohorts):
                 rows.append({"encoder": encoder, "cohort": "all cohorts (mean)", "source": mine[0]["source"],
+                             "licence": mine[0]["licence"],
                              "RAF 95% CI": None, "headline": {}, **{key: float(np.mean([row[key] for row in mine]))
                                                                     for key in ("RAF", *COMPONENTS)}})
     ranked = []
@@ -76,9 +82,24 @@ def leaderboard_rows(stores: list[Path]) -> list[dict[str, Any]]:
 def _row(cell) -> dict[str, Any]:
     """A cell's row; a weak-label cell (evaluate.weak_labels) has no RAF index, so its row carries its headline only."""
     raf = cell.result.get("raf") or {}
-    return {"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source, "RAF": raf.get("index"),
+    return {"encoder": cell.encoder, "cohort": cell.cohort, "source": cell.encoder_source,
+            "licence": cell.result.get("licence") or weights_licence(cell.encoder_source), "RAF": raf.get("index"),
             "RAF 95% CI": raf.get("index_ci95"), **{name: raf.get(name) for name in COMPONENTS},
             "headline": cell.result.get("headline", {})}
+
+
+def weights_licence(source: str) -> str:
+    """The licence of an encoder's weights from the card of its export (`source` as given to `raf evaluate`):
+    "unknown" for a source without a card (timm, monai, a module, a moved file) or a card without a licence."""
+    if source == RANDOM_SOURCE:
+        return RANDOM_WEIGHTS_LICENCE
+    card = export_files(source.partition("=")[0])[1]
+    if not card.is_file():
+        return "unknown"
+    try:
+        return str(read_json(card).get("licence") or "unknown")
+    except (OSError, ValueError):
+        return "unknown"
 
 
 def _sortable(value: float) -> float:

@@ -1,16 +1,19 @@
-"""Downstream probes on frozen embeddings, behind a registry (`create_probe`), plus few-shot subsets and the
-ordinal metrics (quadratic weighted kappa, Spearman) the probes are scored with.
+"""Downstream probes and adaptors behind one registry (`create_probe`), plus few-shot subsets and the ordinal
+metrics (quadratic weighted kappa, Spearman) the probes are scored with.
 
-Every probe honours one contract: `fit(emb_ND, labels_N)` returns the probe; `scores(emb_ND)` gives a
+Every embedding probe honours one contract: `fit(emb_ND, labels_N)` returns the probe; `scores(emb_ND)` gives a
 continuous score per scan (positive-class probability for binary targets, an `(N, C)` probability matrix
 for more classes, the regression output or expected rank for continuous and ordinal targets);
-`predict(emb_ND)` gives a label per scan. The registry tag `targets` says which target kind a probe is for.
+`predict(emb_ND)` gives a label per scan. The registry tag `targets` says which target kind a probe is for, the
+tag `inputs` what it takes: "embeddings" (the default), or "volumes" for the gradient adaptors of
+`rafmedia.evaluate.finetune` (`fit(encoder, volumes_NCDHW, labels_N)`, `scores(volumes_NCDHW)`), registered here
+so that `raf list probes` shows them all.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -18,11 +21,13 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from rafmedia.core.errors import UserError
 from rafmedia.core.registry import Registry, unknown_name_error
+from rafmedia.evaluate.finetune import FullFineTune, LoraAdaptor, PartialFineTune, check_augmentation, check_budget
 
 PROBES: Registry = Registry("probe")
 KNN_METRICS = ("cosine", "euclidean")
@@ -37,10 +42,28 @@ def list_probes() -> list[str]:
     return PROBES.names()
 
 
+def describe_probes() -> list[str]:
+    """One line per registered probe with what it takes, e.g. "lora (targets=categorical, inputs=volumes)"."""
+    return [f"{name} (targets={PROBES.tags(name).get('targets')}, inputs={probe_inputs(name)})"
+            for name in PROBES.names()]
+
+
 def categorical_probes() -> list[str]:
-    """The probes registered for categorical (binary) targets, `targets="categorical"`: what an evaluation can
-    use as its primary probe, and scores on the primary target."""
-    return [name for name in PROBES.names() if PROBES.tags(name).get("targets") == "categorical"]
+    """The embedding probes registered for categorical (binary) targets, `targets="categorical"`: what an evaluation
+    can use as its primary probe, and scores on the primary target. Volume adaptors (`inputs="volumes"`) are not
+    among them: they run in the adaptor protocol (`rafmedia.evaluate.adaptors`)."""
+    return [name for name in PROBES.names() if PROBES.tags(name).get("targets") == "categorical"
+            and probe_inputs(name) == "embeddings"]
+
+
+def probe_inputs(name: str) -> str:
+    """What probe `name` takes: "embeddings" (frozen embeddings, the default) or "volumes" (a gradient adaptor)."""
+    return PROBES.tags(name).get("inputs", "embeddings")
+
+
+def volume_adaptors() -> list[str]:
+    """The registered adaptors that train on volumes (`inputs="volumes"`): fine-tuning and LoRA."""
+    return [name for name in PROBES.names() if probe_inputs(name) == "volumes"]
 
 
 def _check_classes(labels_N: np.ndarray) -> np.ndarray:
@@ -81,7 +104,7 @@ class LogisticProbe:
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     seed: int = 0
 
-    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> "LogisticProbe":
+    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> LogisticProbe:
         counts = _check_classes(labels_N)
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
         folds = _cv_folds(counts)
@@ -120,7 +143,7 @@ class KNNProbe:
     metric: str = "cosine"
     seed: int = 0
 
-    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> "KNNProbe":
+    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> KNNProbe:
         counts = _check_classes(labels_N)
         # Brute force: exact neighbours for cosine, which the tree indexes do not support.
         pipeline = make_pipeline(StandardScaler(), KNeighborsClassifier(metric=self.metric, algorithm="brute"))
@@ -154,6 +177,71 @@ def knn(k_grid: tuple[int, ...] = (10, 20), metric: str = "cosine", seed: int = 
 
 
 @dataclass
+class MLPProbe:
+    """Standardised features + a one-hidden-layer ReLU MLP (scikit-learn `MLPClassifier`, Adam), trained for a fixed
+    budget of `max_iter` epochs (no early stopping: the budget is the same whatever the label count), weights drawn
+    from `seed`. `scores` is the positive-class probability, as `LogisticProbe`'s."""
+
+    hidden: int = 64
+    alpha: float = 1e-3
+    max_iter: int = 300
+    seed: int = 0
+
+    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> MLPProbe:
+        _check_classes(labels_N)
+        mlp = MLPClassifier(hidden_layer_sizes=(self.hidden,), alpha=self.alpha, max_iter=self.max_iter,
+                            learning_rate_init=1e-2, random_state=self.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "did not converge" is the fixed budget doing its job
+            self.model_ = make_pipeline(StandardScaler(), mlp).fit(emb_ND, labels_N)
+        return self
+
+    def scores(self, emb_ND: np.ndarray) -> np.ndarray:
+        """Probability of the positive class (binary targets); `(N, C)` probabilities for more classes."""
+        return _class_scores(self.model_.predict_proba(emb_ND))
+
+    def predict(self, emb_ND: np.ndarray) -> np.ndarray:
+        return self.model_.predict(emb_ND)
+
+
+@PROBES.register("mlp", targets="categorical")
+def mlp(hidden: int = 64, alpha: float = 1e-3, max_iter: int = 300, seed: int = 0) -> MLPProbe:
+    if hidden < 1 or alpha < 0 or max_iter < 1:
+        raise UserError(f"mlp needs hidden >= 1, alpha >= 0 and max_iter >= 1; got hidden={hidden}, alpha={alpha}, "
+                        f"max_iter={max_iter}")
+    return MLPProbe(hidden=int(hidden), alpha=float(alpha), max_iter=int(max_iter), seed=seed)
+
+
+# ---- gradient adaptors (rafmedia.evaluate.finetune): volumes in, the same compute budget for each ---------------
+@PROBES.register("finetune_full", targets="categorical", inputs="volumes")
+def finetune_full(steps: int = 50, batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.01,
+                  augmentation: str = "flips", threads: int = 1, seed: int = 0) -> FullFineTune:
+    check_budget(steps, batch_size, lr, threads)
+    return FullFineTune(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        augmentation=check_augmentation(augmentation), threads=threads, seed=seed)
+
+
+@PROBES.register("finetune_partial", targets="categorical", inputs="volumes")
+def finetune_partial(steps: int = 50, batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.01,
+                     augmentation: str = "flips", threads: int = 1, seed: int = 0,
+                     tail_blocks: int = 2) -> PartialFineTune:
+    check_budget(steps, batch_size, lr, threads)
+    return PartialFineTune(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                           augmentation=check_augmentation(augmentation), threads=threads, seed=seed,
+                           tail_blocks=tail_blocks)
+
+
+@PROBES.register("lora", targets="categorical", inputs="volumes")
+def lora(steps: int = 50, batch_size: int = 8, lr: float = 3e-3, weight_decay: float = 0.01,
+         augmentation: str = "flips", threads: int = 1, seed: int = 0, rank: int = 4, alpha: float = 8.0) -> LoraAdaptor:
+    check_budget(steps, batch_size, lr, threads)
+    if rank < 1 or alpha <= 0:
+        raise UserError(f"lora needs rank >= 1 and alpha > 0; got rank={rank}, alpha={alpha}")
+    return LoraAdaptor(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       augmentation=check_augmentation(augmentation), threads=threads, seed=seed, rank=rank, alpha=alpha)
+
+
+@dataclass
 class LinearProbe:
     """Standardised features + ridge regression for continuous or ordinal targets; alpha picked from
     `alpha_grid` by efficient leave-one-out CV (sklearn `RidgeCV`). `scores` and `predict` are the
@@ -161,7 +249,7 @@ class LinearProbe:
 
     alpha_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
 
-    def fit(self, emb_ND: np.ndarray, targets_N: np.ndarray) -> "LinearProbe":
+    def fit(self, emb_ND: np.ndarray, targets_N: np.ndarray) -> LinearProbe:
         targets_N = np.asarray(targets_N, dtype=np.float64)
         if not np.all(np.isfinite(targets_N)):
             raise UserError(f"the linear probe needs finite targets; {int((~np.isfinite(targets_N)).sum())} are "
@@ -196,7 +284,7 @@ class OrdinalProbe:
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     seed: int = 0
 
-    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> "OrdinalProbe":
+    def fit(self, emb_ND: np.ndarray, labels_N: np.ndarray) -> OrdinalProbe:
         _check_classes(labels_N)
         self.classes_ = np.unique(labels_N)
         self.thresholds_ = [LogisticProbe(c_grid=self.c_grid, seed=self.seed).fit(emb_ND, (labels_N > c).astype(int))

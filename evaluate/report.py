@@ -17,8 +17,10 @@ from rafmedia.core.render import bold, flag, format_interval, format_value, html
 from rafmedia.evaluate import figures
 from rafmedia.evaluate.figures import lookup
 from rafmedia.evaluate.raf import RAF_FORMULA
-from rafmedia.evaluate.report_format import (fairness_metrics, latent_columns, latent_tables, mean_std, number,
-                                             other_probes, p_value_text, ser_text, share, with_interval)
+from rafmedia.evaluate.registration_report import render_registration_html, render_registration_markdown
+from rafmedia.evaluate.report_format import (adaptor_cells, adaptor_rows, fairness_metrics, latent_columns,
+                                             latent_tables, mean_std, number, other_probes, p_value_text, ser_text,
+                                             share, with_interval)
 from rafmedia.evaluate.report_md import render_markdown
 from rafmedia.evaluate.weak_report import render_weak_html, render_weak_markdown, weak_summary_figure
 
@@ -47,6 +49,13 @@ def _planted_section(report: dict[str, Any]) -> str:
             f"(planted females per male: {planted['sex_ratio_planted']}). {html.escape(planted['disease_definition'])}.</p>"
             + html_table(["site", "subjects", "diseased", "noise std", "bias field", "gamma", "blur"], rows)
             + (f"<ul>{''.join(checks)}</ul>" if checks else ""))
+
+
+def _encoders_section(report: dict[str, Any]) -> str:
+    """Each encoder's source, weights licence and how the cohort was prepared for it (its card)."""
+    rows = [[name, entry.get("source", ""), entry.get("licence") or "unknown",
+             (entry.get("preparation") or {}).get("note", "")] for name, entry in report["encoders"].items()]
+    return "<h2>Encoders</h2>" + html_table(["encoder", "source", "weights licence", "cohort preparation"], rows)
 
 
 def _raf_section(report: dict[str, Any]) -> str:
@@ -105,6 +114,30 @@ def _probe_section(report: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _adaptor_section(report: dict[str, Any]) -> str:
+    budgets, rows = adaptor_rows(report["encoders"])
+    if not rows:
+        return ""
+    block = next(entry["adaptors"] for entry in report["encoders"].values() if isinstance(entry.get("adaptors"), dict))
+    budget = block.get("compute_budget") or {}
+    header = [f"{what}, {share(b)} of labels" for b in budgets
+              for what in ("AUROC [95% CI]", "balanced acc. [95% CI]", "s per fit")]
+    table = [[name, adaptor, (result.get("inputs") or ""),
+              *adaptor_cells(result, budgets, ("auroc", "balanced_accuracy", "seconds"))]
+             for name, adaptor, result in rows]
+    return "".join([
+        "<h2>Adaptors under one protocol</h2>",
+        html_table(["encoder", "adaptor", "inputs", *header], table),
+        html_image(figures.adaptor_figure(report), "AUROC by label budget per adaptor"),
+        html_note(f"Each adaptor is fitted on a stratified share of the first replicate's training split (at least one "
+                  f"subject per class) and scored on its whole test split for the primary target; seeds "
+                  f"{block.get('seeds')} each draw their own label subset and initialisation; brackets: "
+                  f"{block.get('interval', 'intervals')}. Embedding adaptors run on the cached clean embeddings; "
+                  f"volume adaptors train under one compute budget: {budget.get('steps')} AdamW steps x "
+                  f"{budget.get('batch_size')} volumes, augmentation {budget.get('augmentation')}, "
+                  f"{budget.get('threads')} torch thread(s). Seconds: wall time of one fit, mean over seeds.")])
+
+
 def _robustness_section(report: dict[str, Any]) -> str:
     rows, severities = [], []
     for name, entry in report["encoders"].items():
@@ -146,10 +179,10 @@ def _fairness_rows(name: str, result: dict[str, Any], metrics: list[str]) -> lis
         rows.append([name, bold("replicate 0: gap (permutation p)"), "", *[""] * len(metrics), *[
             f"{format_value(tests.get(f'{metric}_gap'))} ({p_value_text(tests.get(f'{metric}_gap_p_value'))})"
             for metric in metrics],
-            f"DP diff {format_value(tests.get('demographic_parity_difference'))} "
+            (f"DP diff {format_value(tests.get('demographic_parity_difference'))} "
             f"({p_value_text(tests.get('demographic_parity_p_value'))}); EO diff "
             f"{format_value(tests.get('equalized_odds_difference'))} "
-            f"({p_value_text(tests.get('equalized_odds_p_value'))})"])
+            f"({p_value_text(tests.get('equalized_odds_p_value'))})")])
     return rows
 
 
@@ -272,8 +305,8 @@ def _segmentation_fairness_rows(name: str, segmentation: dict[str, Any]) -> list
                          flag("small group") if g.get("small") else "-"])
         ser = result.get("skewed_error_rate") or {}
         rows.append([name, attribute, bold("gap / worst group / SER"), "",
-                     f"gap {format_value(dice.get('gap'))} ({p_value_text(dice.get('p_value_gap'))}), worst "
-                     f"{format_value(dice.get('worst_group'))}", f"SER {ser_text(ser)} ({p_value_text(ser.get('p_value'))})"])
+                     (f"gap {format_value(dice.get('gap'))} ({p_value_text(dice.get('p_value_gap'))}), worst "
+                     f"{format_value(dice.get('worst_group'))}"), f"SER {ser_text(ser)} ({p_value_text(ser.get('p_value'))})"])
     return rows
 
 
@@ -333,9 +366,10 @@ def render_html(report: dict[str, Any]) -> str:
     primary = report["config"]["primary_target"]
     return html_page("rafmedia RAF report", [
         "<h1>rafmedia: robustness and fairness report</h1>",
-        f"<p class='note'>Cohort: {html.escape(report['cohort']['path'])}. Primary target: <b>{html.escape(primary)}</b>. "
-        "Every number is in report.json next to this file.</p>",
-        _raf_section(report), _probe_section(report), _robustness_section(report),
+        (f"<p class='note'>Cohort: {html.escape(report['cohort']['path'])}. Primary target: <b>{html.escape(primary)}</b>. "
+        "Every number is in report.json next to this file.</p>"),
+        _encoders_section(report), _raf_section(report), _probe_section(report), _adaptor_section(report),
+        _robustness_section(report),
         _fairness_section(report, list(next(iter(report["encoders"].values()))["fairness"])),
         _latent_section(report, attributes), _segmentation_section(report), _datasheet_section(report),
         _planted_section(report)])
@@ -353,6 +387,9 @@ def render_report(results_dir: str | Path) -> Path:
         atomic_write_bytes(results_dir / "summary.png", weak_summary_figure(report))
         atomic_write_text(results_dir / REPORT_MD, render_weak_markdown(report))
         return atomic_write_text(results_dir / REPORT_HTML, render_weak_html(report))
+    if report.get("kind") == "registration":  # evaluate.registration: the breathing-pair study (docs/paired.md)
+        atomic_write_text(results_dir / REPORT_MD, render_registration_markdown(report))
+        return atomic_write_text(results_dir / REPORT_HTML, render_registration_html(report))
     atomic_write_bytes(results_dir / "summary.png", figures.summary_figure(report))
     atomic_write_text(results_dir / REPORT_MD, render_markdown(report))
     return atomic_write_text(results_dir / REPORT_HTML, render_html(report))

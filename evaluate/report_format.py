@@ -46,6 +46,30 @@ def latent_tables(latent: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {"knn_ood": LEGACY_KNN_OOD} if isinstance(latent.get("knn_ood"), dict) else {}
 
 
+def adaptor_rows(encoders: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
+    """The adaptor protocol's label budgets (in the evaluation's order) and (encoder, adaptor, result) of every
+    encoder with an "adaptors" block."""
+    blocks = {name: entry["adaptors"] for name, entry in encoders.items() if isinstance(entry.get("adaptors"), dict)}
+    budgets = list(dict.fromkeys(budget for block in blocks.values() for budget in block.get("budgets") or []))
+    rows = [(name, adaptor, result) for name, block in blocks.items()
+            for adaptor, result in (block.get("results") or {}).items()]
+    return budgets, rows
+
+
+def adaptor_cells(result: dict[str, Any], budgets: list[str], metrics: tuple[str, ...]) -> list[str]:
+    """"mean [low, high]" of each metric at each budget; "not applicable: reason" once for an adaptor that is not."""
+    if not result.get("applicable", True):
+        return [f"not applicable: {result.get('reason')}", *[""] * (len(budgets) * len(metrics) - 1)]
+    cells = []
+    for budget in budgets:
+        at = (result.get("budgets") or {}).get(budget) or {}
+        for metric in metrics:
+            value = at.get(metric) if isinstance(at.get(metric), dict) else {}
+            interval = f" {format_interval(value.get('ci95'))}" if "ci95" in value else ""
+            cells.append(f"{format_value(value.get('mean'))}{interval}")
+    return cells
+
+
 # ---- values as text ---------------------------------------------------------------------------------------------
 
 

@@ -8,8 +8,8 @@ import numpy as np
 from rafmedia.core.render import format_value, markdown_table
 from rafmedia.evaluate.figures import lookup
 from rafmedia.evaluate.raf import RAF_FORMULA
-from rafmedia.evaluate.report_format import (fairness_metrics, latent_columns, mean_std, number, other_probes, ser_text,
-                                             with_interval)
+from rafmedia.evaluate.report_format import (adaptor_cells, adaptor_rows, fairness_metrics, latent_columns, mean_std,
+                                             number, other_probes, ser_text, share, with_interval)
 
 
 def _md_segmentation(encoders: dict[str, Any]) -> list[str]:
@@ -45,8 +45,8 @@ def _gap_cell(result: dict[str, Any], metric: str) -> str:
 def _md_fairness(report: dict[str, Any]) -> list[str]:
     results = [(n, a, r) for n, e in report["encoders"].items() for a, r in e["fairness"].items()]
     metrics = list(dict.fromkeys(m for _, _, r in results for m in fairness_metrics(r)))
-    return [f"## Fairness of the {report['config']['primary_target']} probe (gap between groups: mean over replicates, "
-            "replicate 0 with its permutation p)", "",
+    return [(f"## Fairness of the {report['config']['primary_target']} probe (gap between groups: mean over replicates, "
+            "replicate 0 with its permutation p)"), "",
             *markdown_table(["encoder", "grouping", *[f"{m} gap" for m in metrics], "worst group (accuracy)"],
                             [[n, a, *[_gap_cell(r, m) for m in metrics], lookup(r, "accuracy", "worst_group")]
                              for n, a, r in results])]
@@ -61,6 +61,15 @@ def _md_probes(encoders: dict[str, Any], primary: str) -> list[str]:
                             [[n, *[mean_std(lookup(e, "probes", t, "auroc")) for t in targets],
                               *[mean_std(lookup(e, "probes", primary, o, "auroc")) for o in others]]
                              for n, e in encoders.items()])]
+
+
+def _md_adaptors(encoders: dict[str, Any]) -> list[str]:
+    budgets, rows = adaptor_rows(encoders)
+    if not rows:
+        return []
+    return ["## Adaptors (AUROC by label budget, 95% interval over seeds)", "",
+            *markdown_table(["encoder", "adaptor", *[f"{share(b)} of labels" for b in budgets]],
+                            [[n, a, *adaptor_cells(r, budgets, ("auroc",))] for n, a, r in rows])]
 
 
 def _md_latent(encoders: dict[str, Any], attributes: list[str]) -> list[str]:
@@ -79,13 +88,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     alterations = [a for a in first["robustness"] if a != "clean"]
     summaries = any("robustness_summary" in e for e in encoders.values())
     lines = ["# rafmedia RAF report", "",
-             f"Cohort: `{report['cohort']['path']}` ({format_value(report['cohort'].get('num_subjects'))} subjects). "
-             f"Primary target: **{report['config']['primary_target']}**. Every number: report.json; figures: report.html.",
+             (f"Cohort: `{report['cohort']['path']}` ({format_value(report['cohort'].get('num_subjects'))} subjects). "
+             f"Primary target: **{report['config']['primary_target']}**. Every number: report.json; figures: report.html."),
              "", "## RAF index (95% bootstrap interval)", "",
              *markdown_table(["encoder", "RAF", "performance", "robustness", "fairness"],
                         [[n, *[with_interval(e["raf"], k) for k in ("index", "performance", "robustness", "fairness")]]
                          for n, e in encoders.items()]),
-             RAF_FORMULA, "", *_md_probes(encoders, report["config"]["primary_target"]), *_md_fairness(report),
+             RAF_FORMULA, "", *_md_probes(encoders, report["config"]["primary_target"]), *_md_adaptors(encoders),
+             *_md_fairness(report),
              "## Robustness (severity-weighted degradation; 0 = no skill lost)", "",
              *markdown_table(["encoder", *alterations, *(["mCE", "relative mCE"] if summaries else [])],
                         [[n, *[lookup(e, "robustness", a, "degradation") for a in alterations],

@@ -3,7 +3,8 @@ each stage assembles its own part of a cell.
 
 One cell (encoder x cohort x settings): clean embeddings of every subject (once per model) -> scan-level probes per
 replicate (`scan_level`) -> robustness under alterations x severities on the first replicate (`robustness`) ->
-fairness per subgroup (`fairness`) -> label-free latent tests (`latent`) -> pixel level when asked
+fairness per subgroup (`fairness`) -> label-free latent tests (`latent`) -> adaptors when asked
+(`adaptors`: every adaptor x label budget x seed on the cached embeddings or the volumes) -> pixel level when asked
 (`segmentation`) -> RAF index (`raf`). Every stage takes the embeddings and probe fits it needs and returns its
 section of the cell's JSON plus the leaderboard's headline numbers, so a new registered metric, probe, latent test
 or alteration reaches the results store, the report and the leaderboard without an edit here.
@@ -30,16 +31,19 @@ import sklearn
 from rafmedia.core.files import read_json
 from rafmedia.core.profiling import StageClock
 from rafmedia.engine.distributed import Place, gather_objects, init_distributed, place_from_environment
-from rafmedia.evaluate import fairness, latent, raf, scan_level, weak_labels
+from rafmedia.evaluate import adaptors, fairness, latent, raf, scan_level, weak_labels
 from rafmedia.evaluate.cache import EmbeddingCache
 from rafmedia.evaluate.cohort_data import CohortData, cohort_summary, load_cohort
 from rafmedia.evaluate.config import EvaluateConfig
 from rafmedia.evaluate.embed import Embedder
 from rafmedia.evaluate.encoder_entries import EncoderEntry, build_entries
-from rafmedia.evaluate.results import CellKey, ResultsStore, jsonable
+from rafmedia.evaluate.registration import (load_paired_cohort, registration_baselines, registration_study,
+                                            split_subjects)
+from rafmedia.evaluate.results import CellKey, ResultsStore, digest, jsonable
 from rafmedia.evaluate.robustness import add_corruption_errors, robustness_results
 from rafmedia.evaluate.segmentation import pixel_level_results
 from rafmedia.evaluate.weak_labels import load_weak_cohort
+from rafmedia.shards.store import CohortStore
 
 SKLEARN_WORKING_MEMORY_MB = 32  # scikit-learn's default, 1024, held 3,200 x 3,200 distances (82 MB) at once
 
@@ -64,8 +68,9 @@ def run_evaluation(config: EvaluateConfig, *, progress: bool = True, results: Re
     time this process waits for the next batch of volumes, with the volumes, voxels and bytes read: the reads run
     in the workers, so this is the read time the forward passes do not hide; with `num_workers=0` it is the whole
     read), "alter", "embed" (z-score and encoder forward), "probe" (probe fits and scan-level scores), "bootstrap"
-    (fairness intervals and permutation tests, RAF intervals), "latent", and "segmentation" (the whole pixel-level
-    stage, its reads included) when it is on. Stages do not nest: their seconds add up to at most the run's.
+    (fairness intervals and permutation tests, RAF intervals), "latent", "adaptors" (the adaptor protocol, its
+    fits and reads) and "segmentation" (the whole pixel-level stage, its reads included) when they are on. Stages
+    do not nest: their seconds add up to at most the run's.
 
     scikit-learn's pairwise computations (kNN probes, silhouette, the kNN out-of-distribution score) work in chunks
     of at most `SKLEARN_WORKING_MEMORY_MB`, so no N x N matrix is ever held whole.
@@ -85,9 +90,11 @@ def evaluate_cells(config: EvaluateConfig, *, progress: bool, results: ResultsSt
     if config.weak_labels.enabled:
         return weak_label_cells(config, progress=progress and place.is_main, results=results, place=place,
                                 entries=entries)
+    if config.registration.enabled:
+        return registration_cells(config, results=results, place=place, entries=entries)
     data = load_cohort(config, progress=progress and place.is_main)
     entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds,
-                                       random_baseline=config.random_baseline)
+                                       random_baseline=config.random_baseline, cohort=config.cohort)
     clock = clock if clock is not None else StageClock()
     embed = Embedder(data.volumes, [row["subject_id"] for row in data.rows], data.digest,
                      batch_size=config.batch_size, patch_size=config.patch_size, cache=cache, clock=clock,
@@ -128,10 +135,11 @@ def weak_label_cells(config: EvaluateConfig, *, progress: bool, results: Results
     """`evaluate_cells` when `evaluate.weak_labels.enabled`: one weak-label study per encoder, through the store."""
     cohort = load_weak_cohort(config)
     entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds[:1],
-                                       random_baseline=config.random_baseline)
+                                       random_baseline=config.random_baseline, cohort=config.cohort, channel=None)
     def study(entry: EncoderEntry) -> dict[str, Any]:
         result = weak_labels.weak_label_results(entry, cohort, config, progress=progress)
-        return {"source": entry.source, "weak_labels": result, "headline": weak_labels.headline(result)}
+        return {"source": entry.source, "weak_labels": result, "headline": weak_labels.headline(result),
+                **entry_card_notes(entry)}
 
     scored = cells_through_store(entries, study, cohort_digest=cohort.digest, cohort_path=cohort.store.path,
                                  settings=config.settings_digest(), results=results, place=place)
@@ -139,6 +147,37 @@ def weak_label_cells(config: EvaluateConfig, *, progress: bool, results: Results
     summary = {"path": str(cohort.store.path), "num_subjects": len(cohort.subject_ids), "kind": "weak_labels",
                "planted": read_json(planted) if planted.is_file() else None}
     return {"kind": "weak_labels", "cohort": summary, "config": dataclasses.asdict(config), "encoders": scored}
+
+
+def registration_cells(config: EvaluateConfig, *, results: ResultsStore | None, place: Place,
+                       entries: list[EncoderEntry] | None) -> dict[str, Any]:
+    """`evaluate_cells` when `evaluate.registration.enabled`: one registration study per encoder on the breathing
+    pairs of the cohort (docs/paired.md), through the results store, plus the identity and raw-intensity baselines."""
+    store = CohortStore(config.cohort)
+    ids = store.subject_ids()
+    cohort = load_paired_cohort(store, ids, config.registration)
+    train_idx, test_idx = split_subjects(len(ids), seed=config.seeds[0], test_fraction=config.test_fraction)
+    entries = entries or build_entries(config.encoders, options=config.encoder_options, seeds=config.seeds[:1],
+                                       random_baseline=config.random_baseline, cohort=config.cohort,
+                                       channel=config.registration.moving_channel)
+    options = {"seed": config.seeds[0], "bootstrap_resamples": config.bootstrap_resamples}
+
+    def study(entry: EncoderEntry) -> dict[str, Any]:
+        result = registration_study(entry, cohort, config.registration, train_idx=train_idx, test_idx=test_idx,
+                                    **options)
+        return {**result, **entry_card_notes(entry)}
+
+    scored = cells_through_store(entries, study, cohort_digest=digest(str(store.path), ids), cohort_path=store.path,
+                                 settings=config.settings_digest(), results=results, place=place)
+    summary = {"path": str(store.path), "num_subjects": len(ids), "kind": "registration",
+               "num_train": len(train_idx), "num_test": len(test_idx),
+               "baselines": registration_baselines(cohort, train_idx, test_idx, config.registration, **options)}
+    return {"kind": "registration", "cohort": summary, "config": dataclasses.asdict(config), "encoders": scored}
+
+
+def entry_card_notes(entry: EncoderEntry) -> dict[str, Any]:
+    """How the cohort was prepared for the entry's encoder (its card) and the weights' licence, for the report."""
+    return {"preparation": entry.info.get("preparation"), "licence": entry.info.get("licence")}
 
 
 def model_digests(entry: EncoderEntry) -> dict[int, str]:
@@ -188,8 +227,13 @@ def evaluate_entry(entry: EncoderEntry, data: CohortData, config: EvaluateConfig
                                             config.weights(), num_resamples=config.bootstrap_resamples,
                                             seed=first.seed, with_draws=True)
     result = {"source": entry.source, "probes": probes, "fairness": fairness_result, "robustness": robustness,
-              "latent": latent_result, "raf": raf_result}
+              "latent": latent_result, "raf": raf_result, **entry_card_notes(entry)}
     result["raf_draws"] = result["raf"].pop("draws")  # per-draw values: rank intervals across encoders
+    if config.adaptors.enabled:
+        with clock.stage("adaptors"):
+            result["adaptors"] = adaptors.adaptor_results(first.model, emb_by_seed[first.seed], data.volumes, y,
+                                                          data.splits[first.seed], config=config.adaptors,
+                                                          c_grid=config.c_grid)
     if config.segmentation.enabled:
         with clock.stage("segmentation"):
             result["segmentation"] = pixel_level_results(first.model, primary, data, config, seed=first.seed)

@@ -62,14 +62,22 @@ EXAMPLES = {
   Resume: re-run the same command; it continues from OUT/checkpoints (model, optimizer, schedule, EMA, RNG and
   data position). SIGTERM / SIGUSR1 (SLURM preemption) save a checkpoint and exit with 143 / 138.
   Logs: OUT/metrics.jsonl and tensorboard --logdir OUT/tensorboard. See docs/pretraining.md.""",
+    "export": """examples:
+  raf export --hf runs/hf-encoder runs/pretrain/encoder.safetensors
+  raf evaluate --cohort runs/synth --encoder runs/hf-encoder --out runs/eval
+  python -c "from rafmedia.engine.export import RafEncoder; print(RafEncoder.from_pretrained('runs/hf-encoder'))"
+  Set the weights' licence when pretraining: raf pretrain ... encoder.licence=apache-2.0""",
     "evaluate": """examples:
   raf evaluate --cohort runs/synth --encoder runs/pretrain/encoder.safetensors --out runs/eval
+  raf evaluate --cohort runs/synth --encoder runs/hf-encoder --out runs/eval      # a `raf export --hf` folder
   raf evaluate --cohort runs/synth --encoder a.safetensors --encoder b.safetensors evaluate.seeds=[0,1,2,3,4]
   raf evaluate --cohort runs/siteA --cohort runs/siteB --encoder 'runs/*/encoder.safetensors' --out runs/sweep
       (re-run after adding a checkpoint: only its cells are computed; results in runs/sweep/results.sqlite)
   torchrun --nproc_per_node 4 -m rafmedia.launch.cli evaluate ...     # subjects shared out among 4 ranks
   raf evaluate ... evaluate.alterations=[gaussian_noise] evaluate.group_by=[site,sex,age]
   raf evaluate ... 'evaluate.raf_weights={performance: 2, robustness: 1, fairness: 1}'
+  raf evaluate ... evaluate.adaptors.enabled=true    # linear, kNN, MLP, partial/full fine-tuning, LoRA x 1/10/100%
+                                                   # labels x 5 seeds, with intervals (docs/evaluation.md)
   raf evaluate --cohort runs/brain --encoder runs/p/encoder.safetensors --out runs/weak evaluate.weak_labels.enabled=true
       (small cohorts with one ordinal grade per patient: attention-MIL vs pooled probes with intervals, ordinal heads,
       label noise, explanation maps scored against planted lesions; docs/weak-labels.md)""",
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_commands(commands: argparse._SubParsersAction) -> None:
-    """synth, pretrain, evaluate, profile, leaderboard, report, quickstart."""
+    """synth, pretrain, evaluate, profile, leaderboard, export, report, quickstart."""
     formatter = argparse.RawDescriptionHelpFormatter
     synth = commands.add_parser("synth", help="write the synthetic reference cohort (zarr store + manifest)",
                                 description="Generate the synthetic cohort (simplified 3D body scans with labels, "
@@ -197,7 +205,10 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--cohort", metavar="STORE", action="append", default=[],
                           help="cohort store; repeat for several (sets evaluate.cohort)")
     evaluate.add_argument("--encoder", metavar="WEIGHTS", action="append", default=[],
-                          help="exported encoder (.safetensors with its .card.json) or a quoted glob; repeat for several")
+                          help="exported encoder (.safetensors with its .card.json, or a `raf export --hf` folder) or "
+                          "a quoted glob; repeat for several. Its card's preprocessing decides how each cohort is "
+                          "prepared: resampled to its spacing and reoriented on the fly, or refused when a channel "
+                          "or the intensity policy differs; what was done is printed per encoder")
     evaluate.add_argument("--profile", action="store_true",
                           help="also time the evaluator's stages (read, alter, embed, probe, bootstrap, ..., report) "
                           "and write OUT/profile.json and profile.html (docs/profiling.md)")
@@ -232,6 +243,20 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES["leaderboard"], formatter_class=formatter)
     leaderboard.add_argument("stores", metavar="STORE", nargs="+", help="results.sqlite, or a folder holding one")
     leaderboard.add_argument("--out", metavar="DIR", help="where to write the files (default: the first store's folder)")
+
+    export = commands.add_parser(
+        "export", help="write an exported encoder in the Hugging Face layout",
+        description="Write ENCODER (encoder.safetensors of `raf pretrain`, with its encoder.card.json) as a Hugging "
+        "Face folder OUT_DIR: config.json (architecture, options, embed_dim and the card: preprocessing, licences, "
+        "data sources, code version, config), model.safetensors (the encoder's state dict, plain safetensors) and "
+        "README.md (a model card with license, library_name and tags). Load it offline with "
+        "rafmedia.engine.export.RafEncoder.from_pretrained(OUT_DIR), or score it with `raf evaluate --encoder "
+        "OUT_DIR`. See docs/checkpoints.md.",
+        epilog=EXAMPLES["export"], formatter_class=formatter)
+    export.add_argument("--hf", metavar="OUT_DIR", required=True, help="the folder to write (replaced if it holds "
+                        "an earlier export)")
+    export.add_argument("encoder", metavar="ENCODER", help="encoder.safetensors with its .card.json beside it")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even if it is not an export")
 
     report = commands.add_parser("report", help="render a results folder to HTML",
                                  description="Render RESULTS/report.json into RESULTS/report.html (self-contained, "

@@ -11,16 +11,19 @@ from rafmedia.core.errors import UserError
 from rafmedia.core.files import read_json, write_json
 from rafmedia.core.profiling import StageClock, format_profile, write_profile
 from rafmedia.engine.encoders import list_encoders
+from rafmedia.engine.export import export_hf
 from rafmedia.engine.pretrain import pretrain_encoder, validate_pretraining
 from rafmedia.engine.profile import ProfileSettings, profile_pretraining
 from rafmedia.engine.tasks import list_tasks
 from rafmedia.engine.wrappers import list_wrappers
 from rafmedia.evaluate.cache import EmbeddingCache
+from rafmedia.evaluate.config import EvaluateConfig
+from rafmedia.evaluate.encoder_entries import EncoderEntry, build_entries
 from rafmedia.evaluate.encoder_sources import list_encoder_sources
 from rafmedia.evaluate.group_metrics import list_group_metrics
 from rafmedia.evaluate.latent import list_latent_tests
 from rafmedia.evaluate.leaderboard import find_stores, leaderboard_rows, to_markdown, write_leaderboard
-from rafmedia.evaluate.probes import list_probes
+from rafmedia.evaluate.probes import describe_probes
 from rafmedia.evaluate.rca import list_reverse_classifiers
 from rafmedia.evaluate.report import REPORT_JSON, render_report
 from rafmedia.evaluate.results import RESULTS_FILE, ResultsStore
@@ -105,7 +108,9 @@ def run_evaluate(args: argparse.Namespace) -> Path:
     for cohort in cohorts:
         config.evaluate.cohort = cohort
         clock = StageClock() if getattr(args, "profile", False) else None  # --profile (quickstart has no such flag)
-        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results, cache=cache, clock=clock)
+        entries = prepared_entries(config.evaluate, cohort, speak=is_main)
+        report = run_evaluation(config.evaluate, progress=not args.quiet, results=results, cache=cache, clock=clock,
+                                entries=entries)
         folder = out if len(cohorts) == 1 else out / Path(cohort).parent.name
         if is_main:
             with clock.stage("report", volumes=1) if clock is not None else contextlib.nullcontext():
@@ -118,6 +123,22 @@ def run_evaluate(args: argparse.Namespace) -> Path:
         files = write_leaderboard(leaderboard_rows([results.path]), out)
         print(f"leaderboard: {files['md'].resolve()} (results store: {results.path.resolve()})")
     return html
+
+
+def prepared_entries(evaluate: EvaluateConfig, cohort: str, *, speak: bool) -> list[EncoderEntry]:
+    """The encoders of `evaluate`, each prepared for `cohort` as its card says (or refused, a `UserError`), with
+    what was done printed per encoder."""
+    one_seed = evaluate.weak_labels.enabled or evaluate.registration.enabled  # studies of their own: one replicate
+    seeds = evaluate.seeds[:1] if one_seed else evaluate.seeds  # as the runner builds them
+    channel = (None if evaluate.weak_labels.enabled  # weak labels: every channel
+               else evaluate.registration.moving_channel if evaluate.registration.enabled else "image")
+    entries = build_entries(evaluate.encoders, options=evaluate.encoder_options, seeds=seeds,
+                            random_baseline=evaluate.random_baseline, cohort=cohort, channel=channel)
+    if speak:
+        for entry in entries:
+            print(f"encoder {entry.name}: {entry.info['preparation']['note']} (weights licence: "
+                  f"{entry.info['licence']})")
+    return entries
 
 
 def write_evaluation_profile(folder: Path, clock: StageClock, *, cohort: str) -> dict[str, Path]:
@@ -184,6 +205,14 @@ def run_leaderboard(args: argparse.Namespace) -> Path:
     print(to_markdown(rows))
     print(f"written: {files['md']}, {files['csv']}, {files['html']}")
     return files["md"]
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    """`raf export --hf OUT_DIR ENCODER`: the Hugging Face layout (`rafmedia.engine.export.export_hf`)."""
+    folder = export_hf(args.encoder, args.hf, overwrite=args.overwrite)
+    print(f"exported: {folder} (config.json, model.safetensors, README.md); load it with "
+          f"RafEncoder.from_pretrained('{folder}') or `raf evaluate --encoder {folder}`")
+    return folder
 
 
 def run_report(args: argparse.Namespace) -> Path:
@@ -305,7 +334,7 @@ LISTINGS = {
     "encoders": list_encoders,
     "tasks": list_tasks,
     "alterations": list_alterations,
-    "probes": list_probes,
+    "probes": describe_probes,
     "intensity-policies": list_intensity_policies,
     "wrappers": list_wrappers,
     "encoder-sources": list_encoder_sources,

@@ -50,18 +50,27 @@ class RafConfig:
 
 
 CONFIG_PACKAGE = "rafmedia.configs"
+RECIPES = "recipes"  # configs/recipes/<task>.yaml: each pretext task's recipe (benchmarks/recipes.py), `-c recipes/<task>`
 OVERRIDE_EXAMPLE = "train.steps=100"
 SCHEMA = Schema(RafConfig, key_label="config key")
 
 
 def packaged_configs() -> list[str]:
-    """Names of the YAML configs shipped with rafmedia (usable as `--config NAME`)."""
-    return packaged_names(CONFIG_PACKAGE)
+    """Names of the YAML configs shipped with rafmedia (usable as `--config NAME`), recipes as `recipes/<task>`."""
+    try:
+        recipes = packaged_names(CONFIG_PACKAGE, RECIPES)
+    except FileNotFoundError:  # an install without recipes
+        recipes = []
+    return packaged_names(CONFIG_PACKAGE) + [f"{RECIPES}/{name}" for name in recipes]
 
 
 def read_config_file(name_or_path: str) -> dict[str, Any]:
     """Reads a config file by path, or a packaged config by name (e.g. "tiny"), as plain sections."""
-    data = read_yaml(name_or_path, package=CONFIG_PACKAGE) or {}
+    folder, name = "", str(name_or_path)
+    if name.startswith(f"{RECIPES}/") and not Path(name).is_file():
+        folder, name = RECIPES, name.removeprefix(f"{RECIPES}/").removesuffix(".yaml")
+    data = read_yaml(name, package=CONFIG_PACKAGE, folder=folder, what="recipe" if folder else "config file",
+                     packaged=f"recipe, as {RECIPES}/<task>" if folder else "config") or {}
     if not isinstance(data, dict):
         raise UserError(f"config file '{name_or_path}' must hold a mapping of sections, got {type(data).__name__}")
     return data

@@ -24,11 +24,12 @@ import os
 import shutil
 import traceback
 import uuid
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ from rafmedia.core.environment import single_threaded_children
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import atomic_write_text, read_json, write_json
 from rafmedia.shards import preprocess
+from rafmedia.shards.description import UNKNOWN_LICENCE, summarise_sources
 from rafmedia.shards.formats import BadInput, read_volume, source_checksum
 from rafmedia.shards.listing import Listing, SubjectSource, check_listing, list_inputs
 from rafmedia.shards.manifest import summary_row
@@ -145,7 +147,7 @@ def prepare_subject(source: SubjectSource, config: IngestConfig):
         sources["label"] = {"path": str(label.path), "sha256": source_checksum(label.files, label.path)}
     combined = hashlib.sha256("".join(f"{k}:{v['sha256']};" for k, v in sorted(sources.items())).encode()).hexdigest()
     attrs = {"metadata": source.metadata, **preprocess.geometry_attrs(subject.affine), "sources": sources,
-             "source_sha256": combined, "provenance": subject.provenance}
+             "source_sha256": combined, "provenance": subject.provenance, "data_source": source.data_source()}
     return subject.channels, subject.label, attrs
 
 
@@ -331,8 +333,20 @@ def consolidate(store_path: str | Path, *, num_tasks: int | None = None) -> dict
               "staging_leftovers_removed": removed, "ignored": reports[0]["ignored"], "bad": bad}
     write_json(store.path / REPORT_JSON, result)
     atomic_write_text(store.path / REPORT_MD, render_report(result))
-    store.update_attrs({"ingest": {key: result[key] for key in ("input", "kind", "num_tasks", "counts")}})
+    store.update_attrs({"ingest": {key: result[key] for key in ("input", "kind", "num_tasks", "counts")},
+                        "provenance": data_provenance(store, in_store)})
     return {**result, "report": store.path / REPORT_MD, "manifest": manifest}
+
+
+def data_provenance(store: CohortStore, subject_ids: list[str]) -> dict[str, Any]:
+    """The store's licence and sources from its subjects' `data_source` attributes (the listing's optional
+    `source`/`dataset` and `licence`/`license` columns): root attribute `provenance`, read by `raf pretrain` into
+    the encoder's card (`rafmedia.shards.description.store_provenance`)."""
+    pairs = []
+    for subject_id in subject_ids:
+        source = store.subject_attrs(subject_id).get("data_source") or {}
+        pairs.append((str(source.get("name") or store.path.name), str(source.get("licence") or UNKNOWN_LICENCE)))
+    return summarise_sources(pairs)
 
 
 def _clear_staging(store_path: Path) -> int:

@@ -29,6 +29,9 @@ LABEL_SUFFIXES = ("label", "seg")  # plain folder: <name>_label.<ext>, <name>_se
 BIDS_LABEL_SUFFIXES = ("dseg", "mask", "label")
 MISSING_VALUES = ("", "n/a", "N/A")  # BIDS writes n/a for a missing value
 _CHANNEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+LICENCE_COLUMNS = ("licence", "license")  # optional metadata: the licence the subject's data is shared under
+SOURCE_COLUMNS = ("source", "dataset")  # optional metadata: the dataset the subject comes from
+UNKNOWN_LICENCE = "unknown"
 
 
 @dataclass
@@ -41,6 +44,15 @@ class SubjectSource:
     metadata: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # where the listing names it ("row 4", "sub-01/ses-02")
     problem: str = ""  # a reason known from the listing alone; the subject is then bad
+    default_source: str = ""  # the source name when the listing has no source column: the input's name
+
+    def data_source(self) -> dict[str, str]:
+        """{"name", "licence"} of the subject's data, from its `source`/`dataset` and `licence`/`license` metadata
+        (`default_source` and "unknown" when the listing has no such column or leaves it empty)."""
+        def first(columns: tuple[str, ...]) -> str | None:
+            values = [self.metadata.get(column) for column in columns]
+            return next((str(value) for value in values if value not in (None, "")), None)
+        return {"name": first(SOURCE_COLUMNS) or self.default_source, "licence": first(LICENCE_COLUMNS) or UNKNOWN_LICENCE}
 
 
 @dataclass
@@ -81,6 +93,8 @@ def list_inputs(path: str | Path) -> Listing:
     if not listing.subjects:
         raise UserError(f"no subjects found in {path} (detected: {listing.kind}); supported files: "
                         ".nii, .nii.gz, .nrrd, .mha, .mhd or DICOM series folders")
+    for subject in listing.subjects:
+        subject.default_source = path.stem if path.is_file() else path.name
     return listing
 
 

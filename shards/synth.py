@@ -12,10 +12,14 @@ generated. Each subject has:
   then additive Gaussian noise of exactly `noise_std` (measurable in the air around the body).
 
 Optionally (`paired_channel`), each subject also gets a second acquisition stored as that channel on the same
-grid, for paired pretraining (end-inhale/end-exhale CT, T1/PET): the same anatomy with another tissue contrast
-(`PAIRED_TISSUE_INTENSITY`), a small smooth breathing-like deformation (at most `paired_displacement` voxels),
-its own bias field and independent noise of the site's `noise_std`. Its draws come from their own generator,
-so "image" and the label map are the same with or without it.
+grid: a breathing pair. "image" is end-inhale; the paired channel is end-exhale, the same anatomy (label map and
+tissue texture) moved by a known, physiologically shaped displacement field (`rafmedia.shards.breathing`: the
+diaphragm rises by up to `paired_displacement` voxels, the abdomen with it, the thorax compressed), rendered in
+another tissue contrast (`PAIRED_TISSUE_INTENSITY`, so a voxel-wise copy of "image" cannot answer a paired pretext
+task) with its own bias field and independent noise of the site's `noise_std`. The exhale label map is stored as
+the channel `<paired_channel>_label`, and the subject's `truth` records the field's parameters (`breathing`) and
+named landmarks with their inhale and exact exhale voxel positions (`landmarks`). Its draws come from their own
+generator, so "image" and the label map are the same with or without it.
 
 Planted biases come from the config (a noisy site, an under-represented sex via `sex_ratio`, a disease
 prevalence per site) and are applied with exact counts; what was planted is written to `planted.json`.
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 from rafmedia.core.environment import single_threaded_children
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import write_json
+from rafmedia.shards.breathing import breathing_field, draw_breathing, exhale_positions, landmarks, warp
 from rafmedia.shards.manifest import summary_row
 from rafmedia.shards.splits import exact_counts
 from rafmedia.shards.store import CohortStore, StoreConfig
@@ -47,6 +52,8 @@ TISSUE_INTENSITY = {"body": 0.30, "heart": 0.62, "liver": 0.48, "kidney": 0.72, 
 # The optional second acquisition's contrast: another tissue ordering (as T2 is to T1), so a voxel-wise copy of
 # "image" cannot be the answer to a paired pretext task; only the shared anatomy links the two.
 PAIRED_TISSUE_INTENSITY = {"body": 0.55, "heart": 0.25, "liver": 0.40, "kidney": 0.15, "lesion": 0.75}
+BREATHING_MODEL = "breathing-v1"  # the paired channel's recipe: a store made by an older one is not resumed
+LANDMARK_RESIDUAL_LIMIT = 1e-3  # voxels: |q + u(q) - p| of every recorded exhale landmark
 SEVERITY_BINS = (1.25, 1.35)  # enlargement ratio thresholds between severities 1|2 and 2|3
 VOXEL_SPACING_MM = 3.0
 
@@ -69,10 +76,10 @@ class SiteProfile:
 class CohortConfig:
     """The synthetic cohort: size, demographics and sites (each with planted acquisition biases).
 
-    `paired_channel`: None (default) for one channel, "image"; a name (e.g. "exhale") adds a second acquisition
-    of each subject under that channel name (see the module docstring), at most `paired_displacement` voxels
-    away from "image" anywhere. Typed `Any` because the config loader coerces no `str | None`; `validate`
-    checks it.
+    `paired_channel`: None (default) for one channel, "image"; a name (e.g. "exhale") adds an end-exhale
+    acquisition of each subject under that channel name (see the module docstring), whose diaphragm moves by
+    `paired_displacement` * U(0.8, 1) voxels (the field's largest motion; at most a sixth of the smallest side).
+    Typed `Any` because the config loader coerces no `str | None`; `validate` checks it.
     """
 
     name: str = "synthetic"
@@ -88,7 +95,7 @@ class CohortConfig:
     workers: int = 2
     sites: list[SiteProfile] = field(default_factory=lambda: [SiteProfile()])
     paired_channel: Any = None  # None, or the channel name of a second acquisition of each subject
-    paired_displacement: float = 2.0  # voxels: the largest displacement of the paired channel's deformation
+    paired_displacement: float = 4.0  # voxels: the diaphragm's largest exhale motion (12 mm at 3 mm voxels)
 
     def validate(self) -> None:
         if self.num_subjects < 2:
@@ -111,9 +118,10 @@ class CohortConfig:
                                                 or self.paired_channel == "image"):
             raise UserError(f"cohort.paired_channel must be null or a channel name other than 'image', got "
                             f"{self.paired_channel!r}; e.g. cohort.paired_channel=exhale")
-        if not 0 <= self.paired_displacement <= min(self.shape) / 8:
-            raise UserError(f"cohort.paired_displacement must be in [0, {min(self.shape) / 8:g}] voxels (an eighth "
-                            f"of the smallest side), got {self.paired_displacement}")
+        if self.paired_channel is not None and not 0 <= self.paired_displacement <= min(self.shape) / 6:
+            raise UserError(f"cohort.paired_displacement must be in [0, {min(self.shape) / 6:g}] voxels (a sixth "
+                            f"of the smallest side, {min(self.shape)}), got {self.paired_displacement}; lower it or "
+                            "enlarge cohort.shape")
 
 
 # ---- cohort-level assignment (exact counts) ------------------------------------------------------
@@ -215,33 +223,41 @@ def _render_subject(subject: dict[str, Any], config: CohortConfig, site: SitePro
     return image, label, truth, tissue_texture
 
 
-def breathing_displacement(rng: np.random.Generator, grid: np.ndarray, max_voxels: float) -> np.ndarray:
-    """A smooth displacement field (3, D, H, W) in voxels, mostly along axis 0 (as breathing moves organs along
-    the body axis), whose largest length is `max_voxels` * U(0.5, 1)."""
-    weights = (1.0, 0.3, 0.3)
-    fields = np.stack([smooth_field(rng, grid, num_waves=3, max_frequency=1.0) * w for w in weights])
-    largest = float(np.sqrt((fields**2).sum(axis=0)).max())
-    return fields * np.float32(max_voxels * rng.uniform(0.5, 1.0) / max(largest, 1e-6))
+def paired_clean(subject: dict[str, Any], config: CohortConfig, label: np.ndarray, tissue_texture: np.ndarray,
+                 lesions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The noiseless end-exhale rendering of a subject rendered by `_render_subject`, before acquisition.
 
-
-def render_paired_acquisition(subject: dict[str, Any], config: CohortConfig, site: SiteProfile, label: np.ndarray,
-                              tissue_texture: np.ndarray) -> tuple[np.ndarray, float]:
-    """The second acquisition of a subject rendered by `_render_subject`: its label map and tissue texture in
-    the `PAIRED_TISSUE_INTENSITY` contrast, deformed, then acquired by the same site with fresh draws.
-
-    Every draw comes from its own generator (purpose 2), so "image" is unchanged. Returns (image float32, the
-    largest displacement in voxels).
+    Its breathing parameters are the first draws of the pair's own generator (purpose 2, a fixed number whatever
+    `paired_displacement`), which is returned for the acquisition's draws. Returns {"clean": the exhale volume in
+    the paired contrast (float32), "label": the exhale label map (uint8), "truth": breathing parameters, landmarks
+    and the largest displacement, "rng": the generator}.
     """
     rng = np.random.default_rng([config.seed, 2, subject["index"]])
-    grid = coordinate_grid(label.shape)
+    params = draw_breathing(rng, label, liver=LABELS["liver"], max_voxels=config.paired_displacement)
+    field_ = breathing_field(np.indices(label.shape, dtype=np.float64), params).astype(np.float32)
     clean = np.zeros(label.shape, dtype=np.float32)
     for name, intensity in PAIRED_TISSUE_INTENSITY.items():
         clean[label == LABELS[name]] = intensity
     clean += tissue_texture
-    displacement = breathing_displacement(rng, grid, config.paired_displacement)
-    coordinates = np.indices(label.shape, dtype=np.float32) + displacement
-    moved = ndimage.map_coordinates(clean, coordinates, order=1, mode="nearest").astype(np.float32)
-    return acquire(moved, site, rng, grid), float(np.sqrt((displacement**2).sum(axis=0)).max())
+    points = landmarks(label, LABELS, [lesion["center"] for lesion in lesions])
+    inhale = np.array(list(points.values()), dtype=np.float64).reshape(-1, 3)
+    exhale, residual = exhale_positions(inhale, params)
+    if residual > LANDMARK_RESIDUAL_LIMIT:  # Newton on a smooth, invertible field: this is a bug, not bad input
+        raise RuntimeError(f"{subject['subject_id']}: exhale landmarks off by {residual:.2g} voxels")
+    truth = {"breathing": params, "paired_displacement": round(float(np.sqrt((field_**2).sum(axis=0)).max()), 4),
+             "landmarks": {"names": list(points), "inhale": inhale.round(4).tolist(),
+                           "exhale": exhale.round(4).tolist(), "residual": residual}}
+    return {"clean": warp(clean, field_, order=1), "label": warp(label, field_, order=0), "truth": truth, "rng": rng}
+
+
+def render_paired_acquisition(subject: dict[str, Any], config: CohortConfig, site: SiteProfile, label: np.ndarray,
+                              tissue_texture: np.ndarray,
+                              lesions: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The end-exhale acquisition of a subject: `paired_clean`, then acquired by the same site with fresh draws
+    from the pair's own generator, so "image" is unchanged. Returns (image float32, exhale label map uint8, truth)."""
+    pair = paired_clean(subject, config, label, tissue_texture, lesions)
+    grid = coordinate_grid(label.shape)
+    return acquire(pair["clean"], site, pair["rng"], grid), pair["label"], pair["truth"]
 
 
 def _add_lesions(rng: np.random.Generator, label: np.ndarray, config: CohortConfig) -> list[dict[str, Any]]:
@@ -281,9 +297,11 @@ def _write_one(store_path: str, subject: dict[str, Any], config: CohortConfig) -
     image, label, truth, tissue_texture = _render_subject(subject, config, site)
     channels = {"image": image}
     if config.paired_channel is not None:
-        channels[config.paired_channel], displacement = render_paired_acquisition(subject, config, site, label,
-                                                                                  tissue_texture)
-        truth["paired_displacement"] = round(displacement, 4)
+        exhale, exhale_label, pair_truth = render_paired_acquisition(subject, config, site, label, tissue_texture,
+                                                                     truth["lesions"])
+        channels[config.paired_channel] = exhale
+        channels[paired_label_channel(config.paired_channel)] = exhale_label
+        truth.update(pair_truth)
     metadata = {key: subject[key] for key in ("site", "scanner", "sex", "age", "disease", "severity")}
     store.write_subject(subject["subject_id"], channels=channels, label=label, attrs={
         "metadata": metadata, "spacing": [VOXEL_SPACING_MM] * 3, "origin": [0.0] * 3,
@@ -302,6 +320,8 @@ def generate_cohort(config: CohortConfig, *, store_config: StoreConfig, out: str
     config.validate()
     store = CohortStore.create(out, config=store_config, name=config.name, overwrite=overwrite)
     _check_same_recipe(store, config)
+    store.update_attrs({"provenance": {"licence": "CC0-1.0", "sources": [
+        {"name": "rafmedia synthetic body cohort", "licence": "CC0-1.0", "subjects": config.num_subjects}]}})
     subjects = assign_subjects(config)
     rows: dict[str, dict[str, Any]] = {}
     todo = [s for s in subjects if not store.has_subject(s["subject_id"])]
@@ -338,7 +358,14 @@ def _check_same_recipe(store: CohortStore, config: CohortConfig) -> None:
     if recipe["paired_channel"] is None:  # stores made before the paired channel existed keep resuming
         recipe.pop("paired_channel")
         recipe.pop("paired_displacement")
+    else:
+        recipe["paired_model"] = BREATHING_MODEL
     check_same_recipe(store, recipe)
+
+
+def paired_label_channel(paired_channel: str) -> str:
+    """The channel holding the paired acquisition's label map (the exhale anatomy)."""
+    return f"{paired_channel}_label"
 
 
 def check_same_recipe(store: CohortStore, recipe: dict[str, Any]) -> None:

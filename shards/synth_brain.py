@@ -43,6 +43,7 @@ from rafmedia.core.environment import single_threaded_children
 from rafmedia.core.errors import UserError
 from rafmedia.core.files import write_json
 from rafmedia.core.registry import did_you_mean
+from rafmedia.shards.description import synthetic_provenance
 from rafmedia.shards.manifest import summary_row
 from rafmedia.shards.splits import exact_counts
 from rafmedia.shards.store import CohortStore, StoreConfig
@@ -405,6 +406,7 @@ def generate_brain_cohort(config: BrainCohortConfig, *, store_config: StoreConfi
     recipe.pop("workers")  # the number of processes does not change the cohort
     check_same_recipe(store, {"kind": "brain", **recipe})
     subjects = assign_brain_subjects(config)
+    store.update_attrs({"provenance": synthetic_provenance("rafmedia synthetic brain cohort", len(subjects))})
     done: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     todo = [s for s in subjects if not store.has_subject(s["subject_id"])]
     for subject in subjects:

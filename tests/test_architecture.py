@@ -15,7 +15,7 @@ LAYERS = ("core", "shards", "engine", "evaluate", "portal", "launch")  # bottom 
 FOLDERS = [folder for folder in LAYERS if (ROOT / folder / "__init__.py").is_file()]
 # Optional extras (setup.py) that a function may import where it needs them, so that `import rafmedia.<folder>`
 # works without them and a missing one is a clear error naming the extra.
-OPTIONAL_DEPENDENCIES = {"deepspeed", "nvidia", "submitit", "mpi4py"}
+OPTIONAL_DEPENDENCIES = {"deepspeed", "nvidia", "submitit", "mpi4py", "peft"}
 # Heavy and used by one command only: the web portal's stack (FastAPI, SQLAlchemy, Alembic, uvicorn, httpx) would add
 # about 1.5 s to every other `raf` command; `launch/commands.py` loads it when `raf portal` runs.
 DEFERRED_MODULES = {"rafmedia.launch.portal_commands"}

@@ -44,7 +44,9 @@ class PooledEncoder(nn.Module):
 
 @dataclass
 class EncoderConfig:
-    """Which registered encoder to build, and its options (passed to its factory)."""
+    """Which registered encoder to build, its options (passed to its factory), and the licence its exported weights
+    are shared under (written into the card; an SPDX id such as "apache-2.0", or "unspecified")."""
 
     name: str = "cnn3d_small"
     options: dict[str, Any] = field(default_factory=lambda: {"width": 16})
+    licence: str = "unspecified"

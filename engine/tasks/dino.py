@@ -25,6 +25,7 @@ choice for evaluation, is in the checkpoint.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,13 +83,56 @@ class MultiCropViews(FlipOptions, IntensityOptions):
 
     def _crop(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
               size: Size3) -> torch.Tensor:
+        starts, sides = self._place(volumes_BCDHW, generator, scale)
+        return self._augment(resized_crops(volumes_BCDHW, starts, sides, size), generator)
+
+    @staticmethod
+    def _place(volumes_BCDHW: torch.Tensor, generator: torch.Generator,
+               scale: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's crop corner (B, 3) and side (B,): a `scale` fraction of the smallest side, placed uniformly."""
         batch, spatial = volumes_BCDHW.shape[0], torch.tensor(volumes_BCDHW.shape[2:])
         smallest = int(spatial.min())
         sides = (uniform(generator, scale[0], scale[1], (batch,)) * smallest).round().long().clamp(1, smallest)
         starts = (torch.rand((batch, 3), generator=generator) * (spatial - sides[:, None] + 1)).long()
-        x = resized_crops(volumes_BCDHW, starts, sides, size)
-        x = flip_samples(x, draw_flips(generator, batch, self.flip_probability))
-        return self.augment_intensity(x, generator)
+        return starts, sides
+
+    def _augment(self, x_BCDHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x_BCDHW = flip_samples(x_BCDHW, draw_flips(generator, len(x_BCDHW), self.flip_probability))
+        return self.augment_intensity(x_BCDHW, generator)
+
+
+@dataclass
+class PairedMultiCropViews(MultiCropViews):
+    """Multi-crop of two acquisitions of each subject, (B, 2, D, H, W) (`data.channels`): the two global crops are
+    cut at one place, global crop 0 from channel 0 and global crop 1 from channel 1, each flipped and jittered on
+    its own; each local crop is cut at its own place from a channel drawn per sample. Since DINO's teacher scores
+    each global crop and the student learns to match it on the *other* crops, the student learns to predict, from
+    one acquisition, what the teacher says of the other, in both directions.
+
+    Returns `global_crops` (B, 2, 1, g, g, g), `local_crops` (B, num_local_crops, 1, l, l, l) and, for checks,
+    `local_channels` (B, num_local_crops), the channel of each local crop.
+    """
+
+    def __call__(self, volumes_BCDHW: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if volumes_BCDHW.ndim != 5 or volumes_BCDHW.shape[1] != 2:
+            raise UserError(f"dino_paired needs two channels of each subject, (B, 2, D, H, W), got shape "
+                            f"{tuple(volumes_BCDHW.shape)}; set data.channels to two channel names, e.g. "
+                            "data.channels=[image,exhale]")
+        starts, sides = self._place(volumes_BCDHW, generator, self.global_scale)
+        both = resized_crops(volumes_BCDHW, starts, sides, self.global_size)
+        global_crops = [self._augment(both[:, channel:channel + 1], generator) for channel in range(2)]
+        batch, rows = volumes_BCDHW.shape[0], torch.arange(volumes_BCDHW.shape[0])
+        local_crops, channels = [], []
+        for _ in range(self.num_local_crops):
+            starts, sides = self._place(volumes_BCDHW, generator, self.local_scale)
+            channel = torch.randint(0, 2, (batch,), generator=generator)
+            crop = resized_crops(volumes_BCDHW, starts, sides, self.local_size)[rows, channel][:, None]
+            local_crops.append(self._augment(crop, generator))
+            channels.append(channel)
+        empty = volumes_BCDHW.new_zeros((batch, 0, 1, *self.local_size))
+        return {"global_crops": torch.stack(global_crops, dim=1),
+                "local_crops": torch.stack(local_crops, dim=1) if local_crops else empty,
+                "local_channels": torch.stack(channels, dim=1) if channels else torch.zeros(batch, 0, dtype=torch.long)}
 
 
 # ---------------------------------------------------------------------------------------------- head and schedules
@@ -228,27 +272,58 @@ class Dino3d(nn.Module):
                 "agreement": torch.stack(matches).mean(), "teacher_temp": self.current_teacher_temp()}
 
 
-@TASKS.register("dino_3d", options_from=MultiCropViews)
-def dino_3d(encoder: nn.Module, out_dim: int = 64, hidden_dim: int = 256, bottleneck_dim: int = 64,
-            student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-            warmup_teacher_temp_steps: int = 0, teacher_momentum: float = 0.99, center_momentum: float = 0.99,
-            global_size: int | Sequence[int] | None = None, global_scale: Sequence[float] = (0.8, 1.0),
-            local_size: int | Sequence[int] = 12, local_scale: Sequence[float] = (0.4, 0.6),
-            head_batch_norm: bool = True, **view_options) -> nn.Module:
-    """`view_options` are the other `MultiCropViews` settings (num_local_crops, flip_probability, noise_std, ...).
-
-    `global_size` defaults to the encoder's `img_size` when it has one (ViT), else 24. A fixed-size encoder
-    gets its local crops resampled to its `img_size` too (they still cover `local_scale` of the volume)."""
-    fixed = getattr(encoder, "img_size", None)
-    if fixed is not None:
-        fixed = as_triple(fixed, "encoder img_size")
-        if global_size is not None and as_triple(global_size, "global_size") != fixed:
-            raise UserError(f"dino_3d global_size={global_size} but the encoder takes inputs of exactly {fixed} "
-                            f"(its img_size); drop task.options.global_size or set it to the encoder's img_size")
-    views = MultiCropViews(global_size=fixed or as_triple(global_size or 24, "global_size"),
-                           local_size=fixed or as_triple(local_size, "local_size"),
-                           global_scale=tuple(global_scale), local_scale=tuple(local_scale), **view_options)
+def _dino(views_class: type[MultiCropViews], encoder: nn.Module, *, out_dim: int = 64, hidden_dim: int = 256,
+          bottleneck_dim: int = 64, student_temp: float = 0.1, teacher_temp: float = 0.04,
+          warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0, teacher_momentum: float = 0.99,
+          center_momentum: float = 0.99, global_size: int | Sequence[int] | None = None,
+          global_scale: Sequence[float] = (0.8, 1.0), local_size: int | Sequence[int] = 12,
+          local_scale: Sequence[float] = (0.4, 0.6), head_batch_norm: bool = True, **view_options) -> nn.Module:
+    """A `Dino3d` whose views are made by `views_class`; every DINO factory's options (see `dino_3d`)."""
+    views = _multi_crop_views(views_class, encoder, global_size=global_size, local_size=local_size,
+                              global_scale=global_scale, local_scale=local_scale, **view_options)
     return Dino3d(encoder, views, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
                   student_temp=student_temp, teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp,
                   warmup_teacher_temp_steps=warmup_teacher_temp_steps, teacher_momentum=teacher_momentum,
                   center_momentum=center_momentum, head_batch_norm=head_batch_norm)
+
+
+def _with_dino_options(factory):
+    """Gives `factory(encoder, **options)` `_dino`'s keyword signature, which the registry reads to list and check
+    a task's options (`Registry.options`), so the two DINO factories share one list of defaults."""
+    parameters = list(inspect.signature(_dino).parameters.values())[1:]  # all but views_class
+    factory.__signature__ = inspect.Signature(parameters)
+    return factory
+
+
+@TASKS.register("dino_3d", options_from=MultiCropViews)
+@_with_dino_options
+def dino_3d(encoder: nn.Module, **options) -> nn.Module:
+    """DINO on one acquisition (`MultiCropViews`). Options: the head and schedule settings of `_dino` (out_dim 64,
+    teacher_momentum 0.99, center_momentum 0.99, head_batch_norm True, ...) and the other `MultiCropViews` settings
+    (num_local_crops, flip_probability, noise_std, ...).
+
+    `global_size` defaults to the encoder's `img_size` when it has one (ViT), else 24. A fixed-size encoder
+    gets its local crops resampled to its `img_size` too (they still cover `local_scale` of the volume)."""
+    return _dino(MultiCropViews, encoder, **options)
+
+
+@TASKS.register("dino_paired", data="paired", options_from=PairedMultiCropViews)
+@_with_dino_options
+def dino_paired(encoder: nn.Module, **options) -> nn.Module:
+    """`dino_3d` (the same `Dino3d` module, options and defaults) whose views are the two acquisitions of each
+    subject (`PairedMultiCropViews`): global crops of channel 0 and channel 1 at one place, local crops of either."""
+    return _dino(PairedMultiCropViews, encoder, **options)
+
+
+def _multi_crop_views(views_class: type[MultiCropViews], encoder: nn.Module, *, global_size, local_size, global_scale,
+                      local_scale, **view_options) -> MultiCropViews:
+    """The view maker of a DINO task: crop sizes from the options, or the encoder's fixed `img_size` (ViT)."""
+    fixed = getattr(encoder, "img_size", None)
+    if fixed is not None:
+        fixed = as_triple(fixed, "encoder img_size")
+        if global_size is not None and as_triple(global_size, "global_size") != fixed:
+            raise UserError(f"dino global_size={global_size} but the encoder takes inputs of exactly {fixed} "
+                            f"(its img_size); drop task.options.global_size or set it to the encoder's img_size")
+    return views_class(global_size=fixed or as_triple(global_size or 24, "global_size"),
+                       local_size=fixed or as_triple(local_size, "local_size"),
+                       global_scale=tuple(global_scale), local_scale=tuple(local_scale), **view_options)

@@ -128,11 +128,13 @@ def test_default_cohort_is_unchanged_by_the_paired_channel_option(tmp_path):
     assert "paired_channel" not in store.attrs()["synth_config"]  # stores made before keep resuming
     assert store.subject_attrs(store.subject_ids()[0])["channels"] == ["image"]
     # the paired channel draws from its own generator: "image" and the label map stay the same
-    paired = generate_cohort(small_cohort_config(num_subjects=3, shape=[16, 20, 24], paired_channel="exhale"),
+    paired = generate_cohort(small_cohort_config(num_subjects=3, shape=[16, 20, 24], paired_channel="exhale",
+                                                 paired_displacement=2.0),
                              store_config=StoreConfig(chunk_size=16), out=tmp_path / "b.zarr", progress=False)
     assert _array_digest(paired) == _array_digest(store)
-    with pytest.raises(UserError, match="changed: paired_channel, paired_displacement"):
-        generate_cohort(small_cohort_config(num_subjects=3, shape=[16, 20, 24], paired_channel="exhale"),
+    with pytest.raises(UserError, match="changed: paired_channel, paired_displacement, paired_model"):
+        generate_cohort(small_cohort_config(num_subjects=3, shape=[16, 20, 24], paired_channel="exhale",
+                                            paired_displacement=2.0),
                         store_config=StoreConfig(chunk_size=16), out=tmp_path / "a.zarr", progress=False)
     with pytest.raises(UserError, match="paired_channel"):
         small_cohort_config(paired_channel="image").validate()
