@@ -135,6 +135,13 @@ class StepClock:
             yield
             self.compute_s += time.perf_counter() - began
 
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Time that belongs to no step (the collapse monitors): left out of the next record's wall time."""
+        began = time.perf_counter()
+        yield
+        self.began += time.perf_counter() - began
+
     def step_done(self, voxels: int) -> None:
         self.steps += 1
         self.voxels += voxels

@@ -311,12 +311,13 @@ def _run(task, wrapper, batches, config: TrainConfig, out_dir: Path, progress: b
                 losses.settle()
             if log_due:
                 logs = {key: round(sum(_as_float(o[key]) for o in outputs) / len(outputs), 6) for key in outputs[0]}
+                timing = clock.record(samples_per_step=config.batch_size * config.grad_accum_steps,
+                                      flops_per_step=flops, peak_tflops=peak)
                 if monitor_due and monitor is not None and place.is_main:
-                    logs["monitor"] = monitor.measure(task.encoder, step)
+                    with clock.outside():  # the monitors' time is no step's: rates and MFU stay the loop's
+                        logs["monitor"] = monitor.measure(task.encoder, step)
                 logger.log({"step": step, **logs, "loss": losses.losses[-1], "lr": wrapper.lr(),
-                            "grad_norm": _as_float(grad_norm),
-                            **clock.record(samples_per_step=config.batch_size * config.grad_accum_steps,
-                                           flops_per_step=flops, peak_tflops=peak)})
+                            "grad_norm": _as_float(grad_norm), **timing})
                 bar.set_postfix(loss=f"{losses.losses[-1]:.3f}")
             if profiler is not None:
                 profiler.step()

@@ -85,7 +85,7 @@ def test_every_subcommand_has_help_with_examples(capsys):
 def test_raf_list_prints_each_registry_and_launchers_in_detection_order(capsys):
     for what in LISTINGS:
         assert main(["list", what]) == 0
-        names = capsys.readouterr().out.split()
+        names = capsys.readouterr().out.splitlines()  # one entry per line ("lora (targets=..., inputs=...)")
         assert names == LISTINGS[what]() and names, what
     main(["list", "launchers"])
     assert capsys.readouterr().out.split() == ["torchrun", "slurm", "openmpi", "mpich"]
